@@ -1,0 +1,45 @@
+# The README's commands. `make demo` and `make test` set everything up on a fresh machine.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+DS_CONFIG  ?= ds_configs/zero2.json
+DEMO_OUT   ?= runs/demo
+PY         := $(VENV)/bin/python
+# Ranks for the demo: one per GPU, or 2 CPU ranks on a machine without GPUs.
+NPROC      ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)")
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install data demo test lint format clean
+
+install: $(VENV)/.installed
+
+# torch first and pinned (a plain `pip install torch` pulls a multi-GB CUDA build);
+# CUDA users: make install TORCH_SPEC=torch
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+data: install
+	$(PY) -m data_pipeline.prepare --source shakespeare --out data/shakespeare_char
+
+# A fresh short run each time, in $(DEMO_OUT) (the demo's own scratch directory).
+demo: data
+	rm -rf $(DEMO_OUT)
+	deepspeed --num_gpus $(NPROC) launcher/run.py --ds_config $(DS_CONFIG) --set out_dir=$(DEMO_OUT)
+
+test: install lint
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Corpus fetching, tokenization and memory-mapped token datasets."""

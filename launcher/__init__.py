@@ -1,0 +1,1 @@
+"""zerolaunch: YAML run spec + DeepSpeed JSON -> ZeRO-sharded GPT training."""

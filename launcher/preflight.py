@@ -1,0 +1,107 @@
+"""Everything checked before a run starts: spec, DeepSpeed config, dataset, checkpoint.
+
+No process group is started and no file is written here, so a mistake costs nothing and an
+existing run's checkpoints are never touched by a run that was going to fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from data_pipeline.dataset import DatasetError, PreparedDataset, open_dataset
+from launcher import checkpoint
+from launcher.config import DEFAULT_SPEC, RunSpec, load_spec
+from launcher.distributed import DistEnv, bf16_supported, detect_env, device_type
+from launcher.ds_config import load_ds_config, merge_ds_config, zero_stage
+from launcher.errors import UserError
+from launcher.schedule import tokens_per_step
+
+VOCAB_MULTIPLE = 64
+
+
+def padded_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """Round a tokenizer's vocabulary up so embedding matmuls hit efficient shapes."""
+    return -(-vocab_size // multiple) * multiple
+
+
+@dataclass
+class RunPlan:
+    """A validated run, ready to start."""
+
+    spec: RunSpec
+    ds_config: dict
+    env: DistEnv
+    dataset: PreparedDataset
+    resume_from: Path | None
+
+    def summary(self) -> str:
+        m, t = self.spec.model, self.spec.train
+        lines = [
+            f"run {self.spec.name} -> {self.spec.run_dir}",
+            f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
+            f"vocab {m.vocab_size} (dataset {self.dataset.vocab_size})",
+            f"engine: ZeRO stage {zero_stage(self.ds_config)}, {self.env.world_size} rank(s) on "
+            f"{device_type()}, bf16 {bool(self.ds_config.get('bf16', {}).get('enabled'))}, "
+            f"batch {self.ds_config['train_batch_size']} sequences = "
+            f"{tokens_per_step(t, self.env.world_size, m.block_size):,} tokens/step",
+            f"resume: {self.resume_from or 'fresh start'}",
+        ]
+        return "\n".join(lines)
+
+
+def _resolve_model(spec: RunSpec, dataset: PreparedDataset) -> RunSpec:
+    vocab = spec.model.vocab_size
+    if vocab is None:
+        vocab = padded_vocab(dataset.vocab_size)
+    elif vocab < dataset.vocab_size:
+        raise UserError(
+            f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
+            f"({dataset.vocab_size} tokens in {dataset.path}); set model.vocab_size to at least "
+            f"{dataset.vocab_size}, or null to take it from the dataset"
+        )
+    return replace(spec, model=replace(spec.model, vocab_size=vocab))
+
+
+def _open_dataset(spec: RunSpec) -> PreparedDataset:
+    try:
+        dataset = open_dataset(spec.data.path)
+        for split in (spec.data.train_split, spec.data.val_split):
+            if len(dataset.split(split)) <= spec.model.block_size + 1:
+                raise UserError(
+                    f"split {split!r} of {dataset.path} has {len(dataset.split(split))} tokens, "
+                    f"too few for model.block_size={spec.model.block_size}"
+                )
+    except DatasetError as e:
+        raise UserError(f"data.path: {e}") from e
+    return dataset
+
+
+def prepare_run(spec_path: Path | None, ds_path: Path, overrides: list[str]) -> RunPlan:
+    """Load and cross-check every input; raises UserError naming the problem and its fix."""
+    spec = load_spec(spec_path, overrides)
+    ds_raw = load_ds_config(ds_path)
+    env = detect_env()
+    device = device_type()
+    ds_config = merge_ds_config(
+        ds_raw,
+        spec.train,
+        env.world_size,
+        spec_path=str(spec_path or DEFAULT_SPEC),
+        ds_path=str(ds_path),
+        device_type=device,
+        bf16_supported=bf16_supported(device),
+    )
+    dataset = _open_dataset(spec)
+    spec = _resolve_model(spec, dataset)
+    resume_from = checkpoint.resolve_resume(spec.checkpoint.resume, spec.run_dir)
+    existing = checkpoint.list_tags(checkpoint.checkpoint_dir(spec.run_dir))
+    if resume_from is None and existing:
+        raise UserError(
+            f"{spec.run_dir} already holds checkpoints of an earlier run (newest "
+            f"{existing[-1][1]}) and checkpoint.resume=none would start over on top of them. "
+            "Continue that run with checkpoint.resume=auto, or pick a new out_dir (or name)."
+        )
+    if resume_from is not None:
+        checkpoint.check_compatible(resume_from, spec.model, env.world_size, zero_stage(ds_config))
+    return RunPlan(spec, ds_config, env, dataset, resume_from)

@@ -1,0 +1,124 @@
+"""Train a GPT from a YAML run spec and a DeepSpeed JSON config.
+
+    deepspeed launcher/run.py --ds_config ds_configs/zero2.json
+    deepspeed --num_gpus 8 launcher/run.py --spec my.yaml --ds_config ds_configs/zero2.json \\
+        --set train.max_steps=5000 --set model.n_layer=12
+    torchrun --nproc_per_node 2 launcher/run.py --ds_config ds_configs/zero2.json
+    python launcher/run.py --ds_config ds_configs/zero2.json          # one process
+
+Everything is checked before any process group starts or any file is written: a bad spec,
+DeepSpeed config, dataset or checkpoint stops the run with exit code 2 and one clear message.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the project, not siblings of this file
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+from launcher.errors import run_cli  # noqa: E402
+
+DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="launcher/run.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--spec",
+        type=Path,
+        default=None,
+        help="run spec YAML (default launcher/specs/shakespeare_char.yaml)",
+    )
+    p.add_argument(
+        "--ds_config",
+        "--ds-config",
+        type=Path,
+        default=Path(DEFAULT_DS_CONFIG),
+        help=f"DeepSpeed JSON (default {DEFAULT_DS_CONFIG})",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set train.max_steps=100 (repeatable)",
+    )
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # passed by the deepspeed launcher; env wins
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    # DeepSpeed's ZeRO calls a torch collective that torch marks deprecated, once per step.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
+    from launcher.preflight import prepare_run
+
+    plan = prepare_run(args.spec, args.ds_config, args.overrides)
+    # --- nothing above touched a process group or wrote a file ---
+    import torch
+
+    from launcher.distributed import init_process_group, select_device
+    from launcher.sample import generate_text
+    from launcher.train import RunContext, model_flops_per_token, train
+
+    spec, env = plan.spec, plan.env
+    device = select_device(env)
+    if env.is_main:
+        _write_run_files(plan)
+    init_process_group()
+    ctx = RunContext(env, device, plan.ds_config, plan.dataset, plan.resume_from)
+    if env.is_main:
+        print(plan.summary(), flush=True)
+    model, engine = train(spec, ctx)
+    if env.is_main:
+        print(
+            f"trained {spec.train.max_steps} steps in {time.perf_counter() - started:.1f}s "
+            f"({model_flops_per_token(model) / 1e6:.1f} MFLOPs/token); "
+            f"checkpoints in {spec.run_dir / 'checkpoints'}",
+            flush=True,
+        )
+    if spec.sample.max_new_tokens > 0:
+        # Every rank generates in lockstep: under ZeRO-3 each forward gathers shards from all.
+        text = generate_text(
+            engine.module, plan.dataset.tokenizer, spec.sample, seed=spec.train.seed, device=device
+        )
+        if env.is_main:
+            print(f"\n--- sample ---\n{text}\n--------------", flush=True)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+def _write_run_files(plan) -> None:
+    """The resolved spec, the final DeepSpeed config and the tokenizer, beside the checkpoints."""
+    import yaml
+
+    from launcher.config import spec_to_dict
+
+    run_dir = plan.spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec_to_dict(plan.spec), sort_keys=False))
+    (run_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2))
+    shutil.copyfile(plan.dataset.path / "tokenizer.json", run_dir / "tokenizer.json")
+
+
+if __name__ == "__main__":
+    run_cli(main)

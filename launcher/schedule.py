@@ -1,0 +1,30 @@
+"""Pure functions of the step: learning rate and batch arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+from launcher.config import TrainConfig
+
+
+def lr_at(step: int, train: TrainConfig) -> float:
+    """Linear warmup to train.lr, then cosine decay to train.min_lr at lr_decay_steps.
+
+    `step` counts optimizer steps already taken, so the first update uses lr_at(0) > 0.
+    """
+    decay_steps = train.lr_decay_steps or train.max_steps
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / (train.warmup_steps + 1)
+    if step >= decay_steps:
+        return train.min_lr
+    progress = (step - train.warmup_steps) / max(1, decay_steps - train.warmup_steps)
+    return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (train.lr - train.min_lr)
+
+
+def global_batch_size(micro_batch_size: int, grad_accum_steps: int, dp_size: int) -> int:
+    """Sequences per optimizer step across all data-parallel ranks."""
+    return micro_batch_size * grad_accum_steps * dp_size
+
+
+def tokens_per_step(train: TrainConfig, dp_size: int, block_size: int) -> int:
+    return global_batch_size(train.micro_batch_size, train.grad_accum_steps, dp_size) * block_size

@@ -1,0 +1,110 @@
+"""Bad input stops `launcher/run.py` with exit code 2, one clear message, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, TINY, overrides, run
+
+
+def launch(*args: str, ds_config: str = "ds_configs/zero2.json"):
+    return run([PYTHON, "launcher/run.py", "--ds_config", ds_config, *args], check=False)
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_unknown_keys_and_types_reported_together(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = launch(*overrides("train.lrr=1", "model.n_layer=two", f"out_dir={out}"))
+    assert_user_error(
+        result,
+        "2 problems",
+        "train.lrr: unknown key; did you mean 'train.lr'?",
+        "model.n_layer: got 'two' (str), expected int",
+    )
+    assert not out.exists()
+
+
+def test_missing_spec_and_ds_config(tmp_path: Path) -> None:
+    assert_user_error(launch("--spec", str(tmp_path / "x.yaml")), "x.yaml does not exist")
+    assert_user_error(launch(ds_config=str(tmp_path / "x.json")), "x.json does not exist")
+
+
+def test_malformed_ds_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 2\n')
+    assert_user_error(launch(ds_config=str(bad)), "bad.json, line 2, column 1")
+
+
+def test_ds_config_disagreeing_with_spec(tmp_path: Path, tiny_data: Path) -> None:
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {}}))
+    result = launch(
+        *overrides(f"data.path={tiny_data}", "train.micro_batch_size=8"), ds_config=str(ds)
+    )
+    assert_user_error(
+        result,
+        'ds.json sets "train_micro_batch_size_per_gpu": 4',
+        "launcher/specs/shakespeare_char.yaml",
+        "gives 8",
+    )
+
+
+def test_missing_dataset_names_the_prepare_command(tmp_path: Path) -> None:
+    result = launch(*overrides(f"data.path={tmp_path / 'nodata'}", f"out_dir={tmp_path / 'r'}"))
+    assert_user_error(result, "no prepared dataset at", "python -m data_pipeline.prepare")
+    assert not (tmp_path / "r").exists()
+
+
+def test_vocab_larger_than_model(tiny_data: Path, tmp_path: Path) -> None:
+    result = launch(
+        *overrides(f"data.path={tiny_data}", "model.vocab_size=16", f"out_dir={tmp_path / 'r'}")
+    )
+    assert_user_error(result, "model.vocab_size=16 is smaller than the tokenizer's vocabulary")
+
+
+def test_fp16_on_cpu(tiny_data: Path, tmp_path: Path) -> None:
+    ds = tmp_path / "fp16.json"
+    ds.write_text(json.dumps({"fp16": {"enabled": True}}))
+    result = launch(*overrides(f"data.path={tiny_data}"), ds_config=str(ds))
+    assert_user_error(result, "enables fp16, which DeepSpeed supports only on GPUs")
+
+
+@pytest.mark.integration
+def test_existing_checkpoints_are_never_touched_by_a_bad_launch(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    base = [
+        *TINY,
+        f"data.path={tiny_data}",
+        f"out_dir={out}",
+        "train.max_steps=10",
+        "sample.max_new_tokens=0",
+    ]
+    run([PYTHON, "launcher/run.py", "--ds_config", "ds_configs/zero2.json", *overrides(*base)])
+    snapshot = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    assert any(p.name.endswith("optim_states.pt") for p in snapshot)
+    # Another model shape against these checkpoints: refused, listing what differs.
+    other = launch(*overrides(*base, "model.n_embd=32", "train.max_steps=20"))
+    assert_user_error(
+        other, "written for another model shape", "model.n_embd: checkpoint 64, now 32"
+    )
+    # Starting over on top of them: refused.
+    fresh = launch(*overrides(*base, "checkpoint.resume=none"))
+    assert_user_error(fresh, "already holds checkpoints", "checkpoint.resume=auto")
+    # An explicit resume path that is not a checkpoint: refused.
+    nowhere = launch(*overrides(*base, f"checkpoint.resume={tmp_path}"))
+    assert_user_error(nowhere, "no checkpoint there")
+    after = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    assert after == snapshot
+    shutil.rmtree(out)
