@@ -135,6 +135,14 @@ class SpecError(UserError):
 # ---------------------------------------------------------------------------------- loading
 
 
+def display_path(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _type_name(tp: Any) -> str:
     if isinstance(tp, type):
         return tp.__name__
@@ -246,7 +254,7 @@ def load_spec(path: Path | None = None, overrides: list[str] | None = None) -> R
     """Load, override and validate a run spec; raises SpecError listing every problem."""
     path = Path(path) if path is not None else DEFAULT_SPEC
     raw = apply_overrides(read_yaml(path), overrides or [])
-    source = str(path) + (" with --set overrides" if overrides else "")
+    source = display_path(path) + (" with --set overrides" if overrides else "")
     problems: list[str] = []
     spec = _build(RunSpec, raw, "", problems)
     if not problems:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from data_pipeline.dataset import DatasetError, PreparedDataset, open_dataset
 from launcher import checkpoint
-from launcher.config import DEFAULT_SPEC, RunSpec, load_spec
+from launcher.config import DEFAULT_SPEC, RunSpec, display_path, load_spec
 from launcher.distributed import DistEnv, bf16_supported, detect_env, device_type
 from launcher.ds_config import load_ds_config, merge_ds_config, zero_stage
 from launcher.errors import UserError
@@ -63,6 +63,18 @@ def _resolve_model(spec: RunSpec, dataset: PreparedDataset) -> RunSpec:
     return replace(spec, model=replace(spec.model, vocab_size=vocab))
 
 
+def _check_prompt(spec: RunSpec, dataset: PreparedDataset) -> None:
+    """Fail now, not after hours of training, if the end-of-run sample cannot be encoded."""
+    if spec.sample.max_new_tokens == 0:
+        return
+    try:
+        ids = dataset.tokenizer.encode(spec.sample.prompt)
+    except ValueError as e:
+        raise UserError(f"sample.prompt={spec.sample.prompt!r}: {e}") from e
+    if not ids:
+        raise UserError("sample.prompt is empty; give text to continue or sample.max_new_tokens=0")
+
+
 def _open_dataset(spec: RunSpec) -> PreparedDataset:
     try:
         dataset = open_dataset(spec.data.path)
@@ -87,13 +99,14 @@ def prepare_run(spec_path: Path | None, ds_path: Path, overrides: list[str]) -> 
         ds_raw,
         spec.train,
         env.world_size,
-        spec_path=str(spec_path or DEFAULT_SPEC),
+        spec_path=display_path(spec_path or DEFAULT_SPEC),
         ds_path=str(ds_path),
         device_type=device,
         bf16_supported=bf16_supported(device),
     )
     dataset = _open_dataset(spec)
     spec = _resolve_model(spec, dataset)
+    _check_prompt(spec, dataset)
     resume_from = checkpoint.resolve_resume(spec.checkpoint.resume, spec.run_dir)
     existing = checkpoint.list_tags(checkpoint.checkpoint_dir(spec.run_dir))
     if resume_from is None and existing:

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     model, engine = train(spec, ctx)
     if env.is_main:
         print(
-            f"trained {spec.train.max_steps} steps in {time.perf_counter() - started:.1f}s "
+            f"finished at step {spec.train.max_steps} in {time.perf_counter() - started:.1f}s "
             f"({model_flops_per_token(model) / 1e6:.1f} MFLOPs/token); "
             f"checkpoints in {spec.run_dir / 'checkpoints'}",
             flush=True,

@@ -119,6 +119,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
+        self.last_val: float | None = None  # printed on every line once known
         if enabled:
             self._truncate_after(resume_step)
 
@@ -126,12 +127,10 @@ class MetricsLog:
         """Drop records past the resumed step (a crash after the last checkpoint leaves some)."""
         kept = []
         if step > 0 and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step
-            ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+            kept = [r for r in records if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.last_val = next((r["val_loss"] for r in reversed(kept) if "val_loss" in r), None)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -141,8 +140,9 @@ class MetricsLog:
         parts = [f"step {record['step']:>6}"]
         if "loss" in record:
             parts.append(f"loss {record['loss']:.4f}")
-        if "val_loss" in record:
-            parts.append(f"val {record['val_loss']:.4f}")
+        self.last_val = record.get("val_loss", self.last_val)
+        if self.last_val is not None:
+            parts.append(f"val {self.last_val:.4f}")
         if "lr" in record:
             parts.append(f"lr {record['lr']:.2e}")
         if "tokens_per_sec" in record:

@@ -108,3 +108,13 @@ def test_existing_checkpoints_are_never_touched_by_a_bad_launch(
     after = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
     assert after == snapshot
     shutil.rmtree(out)
+
+
+def test_prompt_outside_the_vocabulary_fails_before_training(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    result = launch(
+        *overrides(f"data.path={tiny_data}", "sample.prompt=naïve ☃", f"out_dir={tmp_path / 'r'}")
+    )
+    assert_user_error(result, "sample.prompt=", "not in the tokenizer's vocabulary")
+    assert not (tmp_path / "r").exists()

@@ -119,3 +119,17 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_spec(write(tmp_path, "train: [unclosed\n"))
     with pytest.raises(Exception, match="expected a mapping"):
         load_spec(write(tmp_path, "- a list\n"))
+
+
+def test_readme_documents_every_spec_key() -> None:
+    import dataclasses
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    spec = RunSpec()
+    for f in dataclasses.fields(spec):
+        section = getattr(spec, f.name)
+        if dataclasses.is_dataclass(section):
+            for sub in dataclasses.fields(section):
+                assert f"| `{f.name}.{sub.name}` |" in readme, f"{f.name}.{sub.name}"
+        else:
+            assert f"| `{f.name}` |" in readme, f.name

