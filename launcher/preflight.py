@@ -9,7 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from data_pipeline.dataset import DatasetError, PreparedDataset, open_dataset
+from data_pipeline.gpt_dataset import BlendedSamples
+from data_pipeline.loader import (
+    DataError,
+    Source,
+    build_samples,
+    open_source,
+    run_tokenizer,
+    split_ranges,
+)
+from data_pipeline.tokenizers import Tokenizer
 from launcher import checkpoint
 from launcher.config import DEFAULT_SPEC, RunSpec, display_path, load_spec
 from launcher.distributed import DistEnv, bf16_supported, detect_env, device_type
@@ -26,13 +35,31 @@ def padded_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 
 @dataclass
+class DataPlan:
+    """The run's opened datasets: samples are indexed lazily, when training starts."""
+
+    sources: list[Source]
+    tokenizer: Tokenizer
+    train: BlendedSamples
+    val: BlendedSamples | None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def describe(self) -> str:
+        train = ", ".join(f"{s.name} x{s.weight:g}" for s in self.sources)
+        return f"data: {train}; tokenizer {self.sources[0].meta['tokenizer']['type']}"
+
+
+@dataclass
 class RunPlan:
     """A validated run, ready to start."""
 
     spec: RunSpec
     ds_config: dict
     env: DistEnv
-    dataset: PreparedDataset
+    data: DataPlan
     resume_from: Path | None
 
     def summary(self) -> str:
@@ -40,7 +67,8 @@ class RunPlan:
         lines = [
             f"run {self.spec.name} -> {self.spec.run_dir}",
             f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
-            f"vocab {m.vocab_size} (dataset {self.dataset.vocab_size})",
+            f"vocab {m.vocab_size} (tokenizer {self.data.vocab_size})",
+            self.data.describe(),
             f"engine: ZeRO stage {zero_stage(self.ds_config)}, {self.env.world_size} rank(s) on "
             f"{device_type()}, bf16 {bool(self.ds_config.get('bf16', {}).get('enabled'))}, "
             f"batch {self.ds_config['train_batch_size']} sequences = "
@@ -50,43 +78,47 @@ class RunPlan:
         return "\n".join(lines)
 
 
-def _resolve_model(spec: RunSpec, dataset: PreparedDataset) -> RunSpec:
+def _resolve_model(spec: RunSpec, data: DataPlan) -> RunSpec:
     vocab = spec.model.vocab_size
     if vocab is None:
-        vocab = padded_vocab(dataset.vocab_size)
-    elif vocab < dataset.vocab_size:
+        vocab = padded_vocab(data.vocab_size)
+    elif vocab < data.vocab_size:
         raise UserError(
             f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
-            f"({dataset.vocab_size} tokens in {dataset.path}); set model.vocab_size to at least "
-            f"{dataset.vocab_size}, or null to take it from the dataset"
+            f"({data.vocab_size} ids in {data.sources[0].prefix}); set model.vocab_size to at "
+            f"least {data.vocab_size}, or null to take it from the dataset"
         )
     return replace(spec, model=replace(spec.model, vocab_size=vocab))
 
 
-def _check_prompt(spec: RunSpec, dataset: PreparedDataset) -> None:
+def _check_prompt(spec: RunSpec, tokenizer: Tokenizer) -> None:
     """Fail now, not after hours of training, if the end-of-run sample cannot be encoded."""
     if spec.sample.max_new_tokens == 0:
         return
     try:
-        ids = dataset.tokenizer.encode(spec.sample.prompt)
+        ids = tokenizer.encode(spec.sample.prompt)
     except ValueError as e:
         raise UserError(f"sample.prompt={spec.sample.prompt!r}: {e}") from e
     if not ids:
         raise UserError("sample.prompt is empty; give text to continue or sample.max_new_tokens=0")
 
 
-def _open_dataset(spec: RunSpec) -> PreparedDataset:
+def open_data(spec: RunSpec) -> DataPlan:
+    """Open every source, check they share a tokenizer and can fill samples of block_size."""
+    d, seq, seed = spec.data, spec.model.block_size, spec.train.seed
     try:
-        dataset = open_dataset(spec.data.path)
-        for split in (spec.data.train_split, spec.data.val_split):
-            if len(dataset.split(split)) <= spec.model.block_size + 1:
-                raise UserError(
-                    f"split {split!r} of {dataset.path} has {len(dataset.split(split))} tokens, "
-                    f"too few for model.block_size={spec.model.block_size}"
-                )
-    except DatasetError as e:
-        raise UserError(f"data.path: {e}") from e
-    return dataset
+        train = [open_source(s.path, s.weight) for s in d.train]
+        val = [open_source(s.path, s.weight) for s in d.val] if d.val is not None else None
+        tokenizer = run_tokenizer(train + (val or []))
+        need_val = spec.eval.interval > 0
+        train_ranges, val_ranges = split_ranges(train, val, d.val_fraction, need_val)
+        train_samples = build_samples(train_ranges, train, seq, seed, d.index_cache)
+        val_samples = None
+        if val_ranges is not None:
+            val_samples = build_samples(val_ranges, val or train, seq, seed, d.index_cache)
+    except DataError as e:
+        raise UserError(f"data: {e}") from e
+    return DataPlan(train, tokenizer, train_samples, val_samples)
 
 
 def prepare_run(spec_path: Path | None, ds_path: Path, overrides: list[str]) -> RunPlan:
@@ -104,9 +136,9 @@ def prepare_run(spec_path: Path | None, ds_path: Path, overrides: list[str]) -> 
         device_type=device,
         bf16_supported=bf16_supported(device),
     )
-    dataset = _open_dataset(spec)
-    spec = _resolve_model(spec, dataset)
-    _check_prompt(spec, dataset)
+    data = open_data(spec)
+    spec = _resolve_model(spec, data)
+    _check_prompt(spec, data.tokenizer)
     resume_from = checkpoint.resolve_resume(spec.checkpoint.resume, spec.run_dir)
     existing = checkpoint.list_tags(checkpoint.checkpoint_dir(spec.run_dir))
     if resume_from is None and existing:
@@ -117,4 +149,4 @@ def prepare_run(spec_path: Path | None, ds_path: Path, overrides: list[str]) -> 
         )
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, spec.model, env.world_size, zero_stage(ds_config))
-    return RunPlan(spec, ds_config, env, dataset, resume_from)
+    return RunPlan(spec, ds_config, env, data, resume_from)

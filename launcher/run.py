@@ -22,7 +22,6 @@ if __package__ in (None, ""):  # run as a script: import the project, not siblin
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import shutil  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if env.is_main:
         _write_run_files(plan)
     init_process_group()
-    ctx = RunContext(env, device, plan.ds_config, plan.dataset, plan.resume_from)
+    ctx = RunContext(env, device, plan.ds_config, plan.data, plan.resume_from)
     if env.is_main:
         print(plan.summary(), flush=True)
     model, engine = train(spec, ctx)
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if spec.sample.max_new_tokens > 0:
         # Every rank generates in lockstep: under ZeRO-3 each forward gathers shards from all.
         text = generate_text(
-            engine.module, plan.dataset.tokenizer, spec.sample, seed=spec.train.seed, device=device
+            engine.module, plan.data.tokenizer, spec.sample, seed=spec.train.seed, device=device
         )
         if env.is_main:
             print(f"\n--- sample ---\n{text}\n--------------", flush=True)
@@ -111,13 +110,16 @@ def _write_run_files(plan) -> None:
     """The resolved spec, the final DeepSpeed config and the tokenizer, beside the checkpoints."""
     import yaml
 
+    from data_pipeline.tokenizers import copy_tokenizer_files
     from launcher.config import spec_to_dict
 
     run_dir = plan.spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec_to_dict(plan.spec), sort_keys=False))
     (run_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2))
-    shutil.copyfile(plan.dataset.path / "tokenizer.json", run_dir / "tokenizer.json")
+    tokenizer = plan.data.tokenizer
+    (run_dir / "tokenizer.json").write_text(json.dumps(tokenizer.describe(), ensure_ascii=False))
+    copy_tokenizer_files(tokenizer, run_dir)
 
 
 if __name__ == "__main__":

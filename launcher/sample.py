@@ -6,6 +6,7 @@ python -m launcher.sample --run runs/shakespeare_char --prompt "What is an LLM?"
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from data_pipeline.tokenizer import CharTokenizer, load_tokenizer
+from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 from launcher import checkpoint
 from launcher.config import SampleConfig, spec_from_dict
 from launcher.errors import UserError, run_cli
@@ -22,7 +23,7 @@ from model.gpt import GPT
 
 def generate_text(
     model: torch.nn.Module,
-    tokenizer: CharTokenizer,
+    tokenizer: Tokenizer,
     sample: SampleConfig,
     seed: int,
     device: torch.device,
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     model, tag_dir = load_run_model(args.run, args.tag, device)
-    tokenizer = load_tokenizer(args.run / "tokenizer.json")
+    tokenizer = load_tokenizer(json.loads((args.run / "tokenizer.json").read_text()), args.run)
     sample = replace(
         SampleConfig(),
         prompt=args.prompt,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from launcher.config import TrainConfig
 
 
@@ -28,3 +30,16 @@ def global_batch_size(micro_batch_size: int, grad_accum_steps: int, dp_size: int
 
 def tokens_per_step(train: TrainConfig, dp_size: int, block_size: int) -> int:
     return global_batch_size(train.micro_batch_size, train.grad_accum_steps, dp_size) * block_size
+
+
+def rank_sample_indices(
+    step: int, micro_step: int, micro_batch: int, grad_accum: int, dp_size: int, dp_rank: int
+) -> np.ndarray:
+    """Global sample indices one rank reads for one micro-step of one optimizer step.
+
+    Step s consumes exactly [s*G, (s+1)*G) with G = micro_batch * grad_accum * dp_size, whatever
+    the number of ranks: the data a step sees depends only on s and G.
+    """
+    global_batch = micro_batch * grad_accum * dp_size
+    start = step * global_batch + (micro_step * dp_size + dp_rank) * micro_batch
+    return np.arange(start, start + micro_batch)

@@ -1,4 +1,4 @@
-"""The training loop: a DeepSpeed engine over the GPT, fed from the memory-mapped dataset."""
+"""The training loop: a DeepSpeed engine over the GPT, fed from memory-mapped indexed datasets."""
 
 from __future__ import annotations
 
@@ -8,22 +8,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.dataset import (
-    PreparedDataset,
-    load_batch,
-    rank_sample_indices,
-    sample_offsets,
-    val_seed,
-)
+from data_pipeline.gpt_dataset import BlendedSamples
 from launcher import checkpoint
 from launcher.config import RunSpec, spec_to_dict
 from launcher.distributed import DistEnv
 from launcher.ds_config import zero_stage
-from launcher.schedule import global_batch_size, lr_at
+from launcher.preflight import DataPlan
+from launcher.schedule import global_batch_size, lr_at, rank_sample_indices
 from model.gpt import GPT, flops_per_token, param_groups
 
 
@@ -39,15 +33,13 @@ class TrainState:
 
 @dataclass
 class Batches:
-    """Deterministic batches for one rank: a pure function of (seed, global sample index)."""
+    """One rank's batches: global sample indices -> tokens, the same for any number of ranks."""
 
-    tokens: np.ndarray
-    block_size: int
+    samples: BlendedSamples
     micro_batch_size: int
     grad_accum_steps: int
     dp_size: int
     dp_rank: int
-    seed: int
     device: torch.device
 
     def train(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,16 +51,16 @@ class Batches:
             self.dp_size,
             self.dp_rank,
         )
-        return self._load(idx, self.seed)
+        return self._load(idx)
 
     def val(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         # The same val samples at every evaluation, so the curve compares like with like.
         idx = rank_sample_indices(batch, 0, self.micro_batch_size, 1, self.dp_size, self.dp_rank)
-        return self._load(idx, val_seed(self.seed))
+        return self._load(idx)
 
-    def _load(self, idx: np.ndarray, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = sample_offsets(seed, idx, len(self.tokens), self.block_size)
-        x, y = load_batch(self.tokens, offsets, self.block_size)
+    def _load(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        window = torch.from_numpy(self.samples.batch(idx))
+        x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()
         if self.device.type == "cuda":
             return (
                 x.pin_memory().to(self.device, non_blocking=True),
@@ -175,7 +167,7 @@ class RunContext:
     env: DistEnv
     device: torch.device
     ds_config: dict
-    dataset: PreparedDataset
+    data: DataPlan
     resume_from: Path | None
 
 
@@ -209,23 +201,36 @@ def train(spec: RunSpec, ctx: RunContext) -> tuple[GPT, Any]:
                     "raise train.max_steps to train further",
                     flush=True,
                 )
-    batches = Batches(
-        ctx.dataset.split(spec.data.train_split),
-        spec.model.block_size,
-        t.micro_batch_size,
-        t.grad_accum_steps,
-        env.world_size,
-        env.rank,
-        t.seed,
-        ctx.device,
-    )
-    val_batches = Batches(
-        ctx.dataset.split(spec.data.val_split),
-        **{k: v for k, v in vars(batches).items() if k != "tokens"},
-    )
+    batches, val_batches = _batches(spec, ctx)
     log = MetricsLog(spec.run_dir / "metrics.jsonl", state.step, env.is_main)
     _loop(engine, spec, ctx, state, batches, val_batches, log)
     return model, engine
+
+
+def _batches(spec: RunSpec, ctx: RunContext) -> tuple[Batches, Batches | None]:
+    """Index the samples the whole run will read (local rank 0 builds, the others wait)."""
+    t, env = spec.train, ctx.env
+    samples_per_step = global_batch_size(t.micro_batch_size, t.grad_accum_steps, env.world_size)
+    builder = env.local_rank == 0
+    ctx.data.train.prepare(t.max_steps * samples_per_step, is_builder=builder)
+    layout = (t.micro_batch_size, t.grad_accum_steps, env.world_size, env.rank, ctx.device)
+    batches = Batches(ctx.data.train, *layout)
+    if ctx.data.val is None or not spec.eval.interval:
+        return batches, None
+    ctx.data.val.prepare(spec.eval.batches * t.micro_batch_size * env.world_size, builder)
+    return batches, Batches(ctx.data.val, *layout)
+
+
+def data_progress(samples: BlendedSamples, consumed_samples: int) -> dict[str, float]:
+    """Epoch (single source) and per-source tokens and epochs, for the metrics log."""
+    progress = samples.progress(consumed_samples)
+    record = {}
+    for name, p in progress.items():
+        record[f"data/{name}/tokens"] = p["tokens"]
+        record[f"data/{name}/epoch"] = p["epoch"]
+    if len(progress) == 1:
+        record["epoch"] = next(iter(progress.values()))["epoch"]
+    return record
 
 
 class Window:
@@ -254,7 +259,7 @@ def _loop(
     ctx: RunContext,
     state: TrainState,
     batches: Batches,
-    val_batches: Batches,
+    val_batches: Batches | None,
     log: MetricsLog,
 ) -> None:
     t = spec.train
@@ -268,7 +273,7 @@ def _loop(
         state.consumed_samples += samples_per_step
         last = state.step == t.max_steps
         record: dict[str, float] = {}
-        if spec.eval.interval and (state.step % spec.eval.interval == 0 or last):
+        if val_batches and (state.step % spec.eval.interval == 0 or last):
             started = time.perf_counter()
             record["val_loss"] = losses["val_loss"] = evaluate(
                 engine, val_batches, spec.eval.batches
@@ -284,6 +289,7 @@ def _loop(
                 "tokens_per_sec": tokens / elapsed,
                 "ms_per_step": 1000 * elapsed / window.steps,
                 "consumed_samples": state.consumed_samples,
+                **data_progress(ctx.data.train, state.consumed_samples),
             }
         if record:
             log.write({"step": state.step, **record})

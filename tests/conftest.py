@@ -34,34 +34,32 @@ TINY = [
 ]
 
 
-def corpus_text() -> str:
-    """About 250 KB of real English prose and code from Python's own standard library."""
+def corpus_documents() -> list[str]:
+    """About 440 KB of real English prose and code: five modules of Python's standard library."""
     import argparse
     import logging
     import pathlib
     import subprocess as sp
     import typing
 
-    return "\n\n".join(inspect.getsource(m) for m in (argparse, logging, sp, typing, pathlib))
+    return [inspect.getsource(m) for m in (argparse, logging, sp, typing, pathlib)]
+
+
+def write_corpus(root: Path) -> Path:
+    """The corpus as one .txt file per document."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(corpus_documents()):
+        (root / f"doc{i}.txt").write_text(text)
+    return root
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A prepared char-level dataset built by the real prepare CLI."""
+    """A char-level indexed dataset (5 documents, the last carved off as val) built by the CLI."""
     root = tmp_path_factory.mktemp("corpus")
-    (root / "corpus.txt").write_text(corpus_text())
-    out = root / "data"
-    run(
-        [
-            PYTHON,
-            "-m",
-            "data_pipeline.prepare",
-            "--input",
-            str(root / "corpus.txt"),
-            "--out",
-            str(out),
-        ]
-    )
+    out = root / "data" / "stdlib"
+    cmd = [PYTHON, "-m", "data_pipeline.prepare", "--input", str(write_corpus(root / "text"))]
+    run([*cmd, "--tokenizer", "char", "--val-fraction", "0.2", "--out", str(out), "--workers", "2"])
     return out
 
 

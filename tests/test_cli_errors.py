@@ -49,7 +49,7 @@ def test_ds_config_disagreeing_with_spec(tmp_path: Path, tiny_data: Path) -> Non
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {}}))
     result = launch(
-        *overrides(f"data.path={tiny_data}", "train.micro_batch_size=8"), ds_config=str(ds)
+        *overrides(f"data.train={tiny_data}", "train.micro_batch_size=8"), ds_config=str(ds)
     )
     assert_user_error(
         result,
@@ -60,14 +60,14 @@ def test_ds_config_disagreeing_with_spec(tmp_path: Path, tiny_data: Path) -> Non
 
 
 def test_missing_dataset_names_the_prepare_command(tmp_path: Path) -> None:
-    result = launch(*overrides(f"data.path={tmp_path / 'nodata'}", f"out_dir={tmp_path / 'r'}"))
+    result = launch(*overrides(f"data.train={tmp_path / 'nodata'}", f"out_dir={tmp_path / 'r'}"))
     assert_user_error(result, "no prepared dataset at", "python -m data_pipeline.prepare")
     assert not (tmp_path / "r").exists()
 
 
 def test_vocab_larger_than_model(tiny_data: Path, tmp_path: Path) -> None:
     result = launch(
-        *overrides(f"data.path={tiny_data}", "model.vocab_size=16", f"out_dir={tmp_path / 'r'}")
+        *overrides(f"data.train={tiny_data}", "model.vocab_size=16", f"out_dir={tmp_path / 'r'}")
     )
     assert_user_error(result, "model.vocab_size=16 is smaller than the tokenizer's vocabulary")
 
@@ -75,7 +75,7 @@ def test_vocab_larger_than_model(tiny_data: Path, tmp_path: Path) -> None:
 def test_fp16_on_cpu(tiny_data: Path, tmp_path: Path) -> None:
     ds = tmp_path / "fp16.json"
     ds.write_text(json.dumps({"fp16": {"enabled": True}}))
-    result = launch(*overrides(f"data.path={tiny_data}"), ds_config=str(ds))
+    result = launch(*overrides(f"data.train={tiny_data}"), ds_config=str(ds))
     assert_user_error(result, "enables fp16, which DeepSpeed supports only on GPUs")
 
 
@@ -86,7 +86,7 @@ def test_existing_checkpoints_are_never_touched_by_a_bad_launch(
     out = tmp_path / "run"
     base = [
         *TINY,
-        f"data.path={tiny_data}",
+        f"data.train={tiny_data}",
         f"out_dir={out}",
         "train.max_steps=10",
         "sample.max_new_tokens=0",
@@ -114,7 +114,7 @@ def test_prompt_outside_the_vocabulary_fails_before_training(
     tiny_data: Path, tmp_path: Path
 ) -> None:
     result = launch(
-        *overrides(f"data.path={tiny_data}", "sample.prompt=naïve ☃", f"out_dir={tmp_path / 'r'}")
+        *overrides(f"data.train={tiny_data}", "sample.prompt=naïve ☃", f"out_dir={tmp_path / 'r'}")
     )
     assert_user_error(result, "sample.prompt=", "not in the tokenizer's vocabulary")
     assert not (tmp_path / "r").exists()

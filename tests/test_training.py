@@ -15,7 +15,7 @@ def test_deepspeed_zero2_two_ranks_trains_checkpoints_and_resumes(
     tiny_data: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    base = [*TINY, f"data.path={tiny_data}", f"out_dir={out}", "checkpoint.keep_last=2"]
+    base = [*TINY, f"data.train={tiny_data}", f"out_dir={out}", "checkpoint.keep_last=2"]
     cmd = [DEEPSPEED, "--num_gpus", "2", "launcher/run.py", "--ds_config", "ds_configs/zero2.json"]
     first = run([*cmd, *overrides(*base, "train.max_steps=30")])
     assert "engine: ZeRO stage 2, 2 rank(s)" in first.stdout
@@ -66,7 +66,7 @@ def test_plain_python_single_process(tiny_data: Path, tmp_path: Path) -> None:
             "launcher/run.py",
             "--ds_config",
             "ds_configs/zero0.json",
-            *overrides(*TINY, f"data.path={tiny_data}", f"out_dir={out}", "train.max_steps=10"),
+            *overrides(*TINY, f"data.train={tiny_data}", f"out_dir={out}", "train.max_steps=10"),
         ]
     )
     assert "ZeRO stage 0, 1 rank(s)" in result.stdout
@@ -88,7 +88,7 @@ def test_torchrun_zero3_two_processes(tiny_data: Path, tmp_path: Path) -> None:
             "ds_configs/zero3.json",
             *overrides(
                 *TINY,
-                f"data.path={tiny_data}",
+                f"data.train={tiny_data}",
                 f"out_dir={out}",
                 "train.max_steps=10",
                 "train.grad_accum_steps=2",

@@ -1,0 +1,117 @@
+"""Open the datasets a run names, check they agree, and build its train and val samples."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_pipeline.gpt_dataset import BlendedSamples, DocumentRange, GPTSamples, carve
+from data_pipeline.indexed import IndexedDataset, IndexedDatasetError
+from data_pipeline.tokenizers import Tokenizer, load_tokenizer
+
+PREPARE_HINT = (
+    "python -m data_pipeline.prepare --source shakespeare --tokenizer char --out {prefix}"
+)
+
+
+class DataError(ValueError):
+    """The run's data is missing, damaged or inconsistent; the message says what to do."""
+
+
+@dataclass
+class Source:
+    """An opened indexed dataset with its PREFIX.json."""
+
+    prefix: Path
+    weight: float
+    dataset: IndexedDataset
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.prefix.name
+
+
+def open_source(prefix: str | Path, weight: float = 1.0) -> Source:
+    """Open PREFIX.{json,idx,bin}; a missing or damaged dataset says how to prepare it."""
+    prefix = Path(prefix)
+    meta_file = Path(f"{prefix}.json")
+    if not meta_file.exists():
+        raise DataError(
+            f"no prepared dataset at {prefix} ({meta_file} is missing). Prepare it first, e.g. "
+            + PREPARE_HINT.format(prefix=prefix)
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+        dataset = IndexedDataset(prefix)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{meta_file} is not valid JSON ({e}); prepare {prefix} again") from e
+    except IndexedDatasetError as e:
+        raise DataError(f"{e}. Prepare {prefix} again") from e
+    if dataset.num_documents != meta.get("documents"):
+        raise DataError(
+            f"{prefix}: the index has {dataset.num_documents} documents but {meta_file} says "
+            f"{meta.get('documents')}; the files come from different runs. Prepare it again"
+        )
+    return Source(prefix, weight, dataset, meta)
+
+
+def run_tokenizer(sources: list[Source]) -> Tokenizer:
+    """The one tokenizer every source was prepared with."""
+    first = sources[0]
+    for other in sources[1:]:
+        if other.meta["tokenizer"] != first.meta["tokenizer"]:
+            raise DataError(
+                f"{other.prefix} was tokenized with {other.meta['tokenizer'].get('type')} "
+                f"({other.meta['tokenizer'].get('name', '')}) but {first.prefix} with "
+                f"{first.meta['tokenizer'].get('type')}; blended datasets need one tokenizer"
+            )
+    return load_tokenizer(first.meta["tokenizer"], first.prefix.parent)
+
+
+def split_ranges(
+    train: list[Source], val: list[Source] | None, val_fraction: float | None, need_val: bool = True
+) -> tuple[list[DocumentRange], list[DocumentRange] | None]:
+    """Document ranges for train and val: separate val sources, or carved from each train one.
+
+    Without evaluation (need_val false) and nothing to carve, train keeps every document.
+    """
+    whole = lambda s: DocumentRange(s.dataset, 0, s.dataset.num_documents)  # noqa: E731
+    if val is not None:
+        return [whole(s) for s in train], [whole(s) for s in val]
+    fractions = [
+        val_fraction if val_fraction is not None else s.meta.get("val_fraction", 0) for s in train
+    ]
+    if not need_val and not any(fractions):
+        return [whole(s) for s in train], None
+    train_ranges, val_ranges = [], []
+    for source, fraction in zip(train, fractions):
+        try:
+            t, v = carve(source.dataset, fraction)
+        except ValueError as e:
+            raise DataError(str(e)) from e
+        train_ranges.append(t)
+        val_ranges.append(v)
+    return train_ranges, val_ranges
+
+
+def build_samples(
+    ranges: list[DocumentRange],
+    sources: list[Source],
+    seq_len: int,
+    seed: int,
+    index_cache: str | None,
+) -> BlendedSamples:
+    """Blended samples over the ranges, weights from their sources."""
+    samples = []
+    for r, source in zip(ranges, sources):
+        cache = Path(index_cache) if index_cache else Path(f"{source.prefix}.cache")
+        try:
+            samples.append(GPTSamples(r, seq_len, seed, cache))
+        except ValueError as e:
+            raise DataError(str(e)) from e
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        names = [f"{i}:{n}" for i, n in enumerate(names)]
+    return BlendedSamples(samples, [s.weight for s in sources], names)

