@@ -9,7 +9,7 @@ PY         := $(VENV)/bin/python
 NPROC      ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)")
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install data demo test lint format clean
+.PHONY: install data demo test bench-data lint format clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ demo: data
 
 test: install lint
 	$(PY) -m pytest
+
+# Data pipeline throughput (prints JSON): prepare vs the raw tokenizer, and the loader.
+bench-data: install
+	$(PY) -m data_pipeline.bench
 
 lint: install
 	$(VENV)/bin/ruff check .

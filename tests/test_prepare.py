@@ -225,3 +225,14 @@ def test_demo_corpus_from_the_registry(tmp_path: Path) -> None:
     assert not any(n.endswith("_gut_f.txt") for n in names)
     assert meta["vocab_size"] == 85 and meta["eod_id"] == 84  # 84 characters + EOD
     assert IndexedDataset(out).num_tokens > 5_000_000
+
+
+def test_ids_that_do_not_fit_the_token_type_are_refused(monkeypatch) -> None:
+    from data_pipeline import prepare as prep
+    from data_pipeline.tokenizers import CharTokenizer
+
+    chars = [chr(0x100 + i) for i in range(300)]  # ids up to 300 cannot be stored as uint8
+    monkeypatch.setattr(prep, "_worker_tokenizer", CharTokenizer(chars))
+    monkeypatch.setattr(prep, "_worker_dtype", np.dtype(np.uint8))
+    with pytest.raises(prep.PrepareError, match="token id 300 does not fit"):
+        prep.encode_chunk(["".join(chars)])

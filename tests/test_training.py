@@ -58,19 +58,23 @@ def test_deepspeed_zero2_two_ranks_trains_checkpoints_and_resumes(
     shutil.rmtree(out)
 
 
-def test_plain_python_single_process(tiny_data: Path, tmp_path: Path) -> None:
+def test_plain_python_single_process_with_blended_data(tiny_data: Path, tmp_path: Path) -> None:
+    # A second dataset with the same tokenizer: blended 3:1 with the first.
+    other = tmp_path / "other" / "copy"
+    other.parent.mkdir()
+    for suffix in (".bin", ".idx", ".json"):
+        shutil.copyfile(f"{tiny_data}{suffix}", f"{other}{suffix}")
     out = tmp_path / "single"
-    result = run(
-        [
-            PYTHON,
-            "launcher/run.py",
-            "--ds_config",
-            "ds_configs/zero0.json",
-            *overrides(*TINY, f"data.train={tiny_data}", f"out_dir={out}", "train.max_steps=10"),
-        ]
-    )
+    blend = f"data.train=[{{path: {tiny_data}, weight: 3}}, {{path: {other}, weight: 1}}]"
+    cmd = [PYTHON, "launcher/run.py", "--ds_config", "ds_configs/zero0.json"]
+    result = run([*cmd, *overrides(*TINY, blend, f"out_dir={out}", "train.max_steps=10")])
     assert "ZeRO stage 0, 1 rank(s)" in result.stdout
-    assert read_metrics(out)[-1]["step"] == 10
+    assert "data: stdlib x3, copy x1" in result.stdout
+    last = read_metrics(out)[-1]
+    assert last["step"] == 10 and last["consumed_samples"] == 80
+    # 80 samples of 64 tokens, exactly 3:1.
+    assert last["data/stdlib/tokens"] == 60 * 64 and last["data/copy/tokens"] == 20 * 64
+    assert 0 < last["data/copy/epoch"] < last["data/stdlib/epoch"]
     assert (out / "checkpoints" / "global_step10" / "mp_rank_00_model_states.pt").exists()
     shutil.rmtree(out)
 
