@@ -6,6 +6,7 @@ existing run's checkpoints are never touched by a run that was going to fail.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -53,6 +54,16 @@ class DataPlan:
 
 
 @dataclass
+class Resume:
+    """The checkpoint a run continues from."""
+
+    tag_dir: Path
+    meta: dict
+    universal: bool
+    """Written by another world size or ZeRO stage: loaded through DeepSpeed's universal format."""
+
+
+@dataclass
 class RunPlan:
     """A validated run, ready to start."""
 
@@ -60,7 +71,10 @@ class RunPlan:
     ds_config: dict
     env: DistEnv
     data: DataPlan
-    resume_from: Path | None
+    resume: Resume | None
+    warnings: list[str]
+    run_id: str
+    """Stable across resumes (stored in every checkpoint): the monitor's run id."""
 
     def summary(self) -> str:
         m, t = self.spec.model, self.spec.train
@@ -73,9 +87,20 @@ class RunPlan:
             f"{device_type()}, bf16 {bool(self.ds_config.get('bf16', {}).get('enabled'))}, "
             f"batch {self.ds_config['train_batch_size']} sequences = "
             f"{tokens_per_step(t, self.env.world_size, m.block_size):,} tokens/step",
-            f"resume: {self.resume_from or 'fresh start'}",
+            f"resume: {self._resume_line()}",
         ]
         return "\n".join(lines)
+
+    def _resume_line(self) -> str:
+        if self.resume is None:
+            return "fresh start"
+        if not self.resume.universal:
+            return str(self.resume.tag_dir)
+        m = self.resume.meta
+        return (
+            f"{self.resume.tag_dir} (written by {m['world_size']} rank(s) at ZeRO stage "
+            f"{m['zero_stage']}: loading it in DeepSpeed's universal format)"
+        )
 
 
 def _resolve_model(spec: RunSpec, data: DataPlan) -> RunSpec:
@@ -139,14 +164,24 @@ def prepare_run(spec_path: Path | None, ds_path: Path, overrides: list[str]) -> 
     data = open_data(spec)
     spec = _resolve_model(spec, data)
     _check_prompt(spec, data.tokenizer)
-    resume_from = checkpoint.resolve_resume(spec.checkpoint.resume, spec.run_dir)
+    resume, warnings = _resume(spec, env, ds_config)
+    if resume is not None and resume.universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    run_id = resume.meta.get("run_id") if resume else None
+    return RunPlan(spec, ds_config, env, data, resume, warnings, run_id or secrets.token_hex(4))
+
+
+def _resume(spec: RunSpec, env: DistEnv, ds_config: dict) -> tuple[Resume | None, list[str]]:
+    tag_dir, warnings = checkpoint.resolve_resume(spec.checkpoint.resume, spec.run_dir)
     existing = checkpoint.list_tags(checkpoint.checkpoint_dir(spec.run_dir))
-    if resume_from is None and existing:
+    if tag_dir is None and existing:
         raise UserError(
             f"{spec.run_dir} already holds checkpoints of an earlier run (newest "
             f"{existing[-1][1]}) and checkpoint.resume=none would start over on top of them. "
             "Continue that run with checkpoint.resume=auto, or pick a new out_dir (or name)."
         )
-    if resume_from is not None:
-        checkpoint.check_compatible(resume_from, spec.model, env.world_size, zero_stage(ds_config))
-    return RunPlan(spec, ds_config, env, data, resume_from)
+    if tag_dir is None:
+        return None, warnings
+    meta = checkpoint.check_compatible(tag_dir, spec.model)
+    universal = checkpoint.needs_universal(meta, env.world_size, zero_stage(ds_config))
+    return Resume(tag_dir, meta, universal), warnings

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- nothing above touched a process group or wrote a file ---
     import torch
 
+    from launcher.checkpoint import convert_to_universal
     from launcher.distributed import init_process_group, select_device
     from launcher.sample import generate_text
     from launcher.train import RunContext, model_flops_per_token, train
@@ -81,9 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     spec, env = plan.spec, plan.env
     device = select_device(env)
     if env.is_main:
+        for warning in plan.warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         _write_run_files(plan)
     init_process_group()
-    ctx = RunContext(env, device, plan.ds_config, plan.data, plan.resume_from)
+    if plan.resume is not None and plan.resume.universal:
+        if env.is_main:  # once, cached beside the tag; the other ranks wait at the barrier
+            convert_to_universal(plan.resume.tag_dir)
+        torch.distributed.barrier()
+    ctx = RunContext(env, device, plan.ds_config, plan.data, plan.resume, plan.run_id)
     if env.is_main:
         print(plan.summary(), flush=True)
     model, engine = train(spec, ctx)

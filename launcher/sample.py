@@ -18,7 +18,7 @@ from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 from launcher import checkpoint
 from launcher.config import SampleConfig, spec_from_dict
 from launcher.errors import UserError, run_cli
-from model.gpt import GPT
+from model.gpt import GPT, GPTConfig
 
 
 def generate_text(
@@ -51,21 +51,60 @@ def generate_text(
 
 
 def load_run_model(run_dir: Path, tag: str | None, device: torch.device) -> tuple[GPT, Path]:
-    """Build the run's model and load consolidated weights from a checkpoint tag."""
-    spec_file = run_dir / "spec.yaml"
-    if not spec_file.exists():
-        raise UserError(f"{run_dir} is not a zerolaunch run directory ({spec_file} is missing)")
-    spec = spec_from_dict(yaml.safe_load(spec_file.read_text()))
-    ckpt_dir = checkpoint.checkpoint_dir(run_dir)
-    tags = [name for _, name in checkpoint.list_tags(ckpt_dir)]
-    if not tags:
-        raise UserError(f"{run_dir} has no checkpoint yet (nothing in {ckpt_dir})")
-    if tag is not None and tag not in tags:
-        raise UserError(f"no checkpoint tag {tag!r} in {ckpt_dir}; it has: {', '.join(tags)}")
-    tag_dir = ckpt_dir / (tag or tags[-1])
+    """Build the run's model and load consolidated weights from a complete checkpoint tag."""
+    from launcher.export import resolve_tag
+
+    tag_dir = resolve_tag(run_dir, tag)
+    spec = spec_from_dict(yaml.safe_load((run_dir / "spec.yaml").read_text()))
     model = GPT(spec.model)
     model.load_state_dict(checkpoint.load_weights(tag_dir))
     return model.to(device), tag_dir
+
+
+def load_exported_model(export_dir: Path, device: torch.device) -> GPT:
+    """A model written by `python -m launcher.export` (the Hugging Face GPT-2 layout)."""
+    from safetensors.torch import load_file
+
+    from launcher.export import _CONV1D
+
+    config = json.loads((export_dir / "config.json").read_text())
+    model = GPT(
+        GPTConfig(
+            n_layer=config["n_layer"],
+            n_head=config["n_head"],
+            n_embd=config["n_embd"],
+            block_size=config["n_positions"],
+            vocab_size=config["vocab_size"],
+            bias=True,
+        )
+    )
+    state = {
+        k: v.t() if _CONV1D.search(k) else v
+        for k, v in load_file(export_dir / "model.safetensors").items()
+    }
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    model.load_state_dict(state)
+    return model.to(device)
+
+
+def load_model_and_tokenizer(
+    path: Path, tag: str | None, device: torch.device
+) -> tuple[GPT, Tokenizer, str]:
+    """From a run directory (any tag, any ZeRO stage) or an exported directory."""
+    from launcher.export import TOKENIZER_FILE
+
+    if (path / "model.safetensors").exists() and (path / TOKENIZER_FILE).exists():
+        if tag is not None:
+            raise UserError(f"{path} is an exported model; --tag applies to run directories")
+        model = load_exported_model(path, device)
+        return (
+            model,
+            load_tokenizer(json.loads((path / TOKENIZER_FILE).read_text()), path),
+            str(path),
+        )
+    model, tag_dir = load_run_model(path, tag, device)
+    tokenizer = load_tokenizer(json.loads((path / "tokenizer.json").read_text()), path)
+    return model, tokenizer, str(tag_dir)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,13 +113,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--run", type=Path, required=True, help="run directory, e.g. runs/NAME")
+    p.add_argument(
+        "--run",
+        type=Path,
+        required=True,
+        help="run directory (runs/NAME) or a directory written by launcher.export",
+    )
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
     p.add_argument("--prompt", default=SampleConfig.prompt)
     p.add_argument("--max-new-tokens", type=int, default=SampleConfig.max_new_tokens)
     p.add_argument("--temperature", type=float, default=SampleConfig.temperature)
     p.add_argument("--top-k", type=int, default=SampleConfig.top_k)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples to print")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -88,8 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    model, tag_dir = load_run_model(args.run, args.tag, device)
-    tokenizer = load_tokenizer(json.loads((args.run / "tokenizer.json").read_text()), args.run)
+    model, tokenizer, source = load_model_and_tokenizer(args.run, args.tag, device)
     sample = replace(
         SampleConfig(),
         prompt=args.prompt,
@@ -97,8 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
     )
-    print(f"# {tag_dir}", file=sys.stderr)
-    print(generate_text(model, tokenizer, sample, args.seed, device))
+    print(f"# {source}", file=sys.stderr)
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(generate_text(model, tokenizer, sample, args.seed + i, device))
     return 0
 
 

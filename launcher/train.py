@@ -16,7 +16,7 @@ from launcher import checkpoint
 from launcher.config import RunSpec, spec_to_dict
 from launcher.distributed import DistEnv
 from launcher.ds_config import zero_stage
-from launcher.preflight import DataPlan
+from launcher.preflight import DataPlan, Resume
 from launcher.schedule import global_batch_size, lr_at, rank_sample_indices
 from model.gpt import GPT, flops_per_token, param_groups
 
@@ -168,16 +168,19 @@ class RunContext:
     device: torch.device
     ds_config: dict
     data: DataPlan
-    resume_from: Path | None
+    resume: Resume | None
+    run_id: str
 
 
 def _checkpoint_meta(spec: RunSpec, state: TrainState, ctx: RunContext, losses: dict) -> dict:
     return {
         "step": state.step,
         "consumed_samples": state.consumed_samples,
+        "run_id": ctx.run_id,
         "model": asdict(spec.model),
         "zero_stage": zero_stage(ctx.ds_config),
         "world_size": ctx.env.world_size,
+        "bf16": bool(ctx.ds_config.get("bf16", {}).get("enabled")),
         **losses,
     }
 
@@ -190,11 +193,13 @@ def train(spec: RunSpec, ctx: RunContext) -> tuple[GPT, Any]:
     engine = build_engine(model, spec, ctx.ds_config, ctx.device)
     torch.manual_seed(t.seed + 1000 * env.rank)  # distinct dropout masks per rank
     state = TrainState()
-    if ctx.resume_from is not None:
-        client = checkpoint.load(engine, ctx.resume_from)
+    if ctx.resume is not None:
+        client = checkpoint.load(engine, ctx.resume.tag_dir, ctx.resume.universal)
         state = TrainState(client["step"], client["consumed_samples"])
+        if ctx.resume.universal:  # no per-rank RNG to restore at a new world size
+            torch.manual_seed(t.seed + 1000 * env.rank + state.step)
         if env.is_main:
-            print(f"resumed from {ctx.resume_from} at step {state.step}", flush=True)
+            print(f"resumed from {ctx.resume.tag_dir} at step {state.step}", flush=True)
             if state.step >= t.max_steps:
                 print(
                     f"step {state.step} >= train.max_steps={t.max_steps}: nothing to train; "
@@ -275,6 +280,7 @@ def _loop(
         record: dict[str, float] = {}
         if val_batches and (state.step % spec.eval.interval == 0 or last):
             started = time.perf_counter()
+            losses["val_step"] = state.step
             record["val_loss"] = losses["val_loss"] = evaluate(
                 engine, val_batches, spec.eval.batches
             )
@@ -298,6 +304,7 @@ def _loop(
             client = {
                 "step": state.step,
                 "consumed_samples": state.consumed_samples,
+                "run_id": ctx.run_id,
                 "spec": spec_to_dict(spec),
             }
             checkpoint.save(

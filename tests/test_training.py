@@ -106,4 +106,33 @@ def test_torchrun_zero3_two_processes(tiny_data: Path, tmp_path: Path) -> None:
     assert metrics[-1]["step"] == 10 and "val_loss" in metrics[-1]
     sample = run([PYTHON, "-m", "launcher.sample", "--run", str(out), "--max-new-tokens", "5"])
     assert sample.stdout.startswith("What is an LLM?")
+    # Sharded parameters consolidate into the Hugging Face layout too.
+    run([PYTHON, "-m", "launcher.export", "--run", str(out), "--out", str(tmp_path / "hf")])
+    exported = run(
+        [
+            PYTHON,
+            "-m",
+            "launcher.sample",
+            "--run",
+            str(tmp_path / "hf"),
+            "--max-new-tokens",
+            "5",
+            "--temperature",
+            "0",
+        ]
+    )
+    greedy = run(
+        [
+            PYTHON,
+            "-m",
+            "launcher.sample",
+            "--run",
+            str(out),
+            "--max-new-tokens",
+            "5",
+            "--temperature",
+            "0",
+        ]
+    )
+    assert exported.stdout == greedy.stdout
     shutil.rmtree(out)

@@ -1,0 +1,98 @@
+"""Inspect a run's checkpoints.
+
+python -m launcher.ckpt list runs/NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from launcher import checkpoint
+from launcher.errors import UserError, run_cli
+
+
+def _fmt_loss(value: float | None) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    """One row per tag directory, oldest first."""
+    ckpt_dir = checkpoint.checkpoint_dir(run_dir)
+    latest = checkpoint.read_pointer(ckpt_dir, checkpoint.LATEST)
+    best = checkpoint.read_pointer(ckpt_dir, checkpoint.BEST)
+    out = []
+    for step, tag in checkpoint.all_tags(ckpt_dir):
+        tag_dir = ckpt_dir / tag
+        problem = checkpoint.verify(tag_dir)
+        meta = {} if problem else json.loads((tag_dir / checkpoint.META_FILE).read_text())
+        size = sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
+        marks = [m for m, t in (("latest", latest), ("best", best)) if t == tag]
+        out.append(
+            {
+                "tag": tag,
+                "step": step,
+                "train_loss": meta.get("train_loss"),
+                "val_loss": meta.get("val_loss") if meta.get("val_step") == step else None,
+                "bytes": size,
+                "complete": problem is None,
+                "problem": problem,
+                "marks": marks,
+                "world_size": meta.get("world_size"),
+                "zero_stage": meta.get("zero_stage"),
+            }
+        )
+    return out
+
+
+def format_table(table: list[dict]) -> str:
+    header = (
+        f"{'tag':<22} {'step':>8} {'train':>8} {'val':>8} {'size':>10}  {'ranks/ZeRO':<10} status"
+    )
+    lines = [header]
+    for r in table:
+        status = "complete" if r["complete"] else f"INCOMPLETE: {r['problem']}"
+        if r["marks"]:
+            status += f" ({', '.join(r['marks'])})"
+        layout = f"{r['world_size']}/{r['zero_stage']}" if r["complete"] else "-"
+        lines.append(
+            f"{r['tag']:<22} {r['step']:>8} {_fmt_loss(r['train_loss']):>8} "
+            f"{_fmt_loss(r['val_loss']):>8} {_size(r['bytes']):>10}  {layout:<10} {status}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m launcher.ckpt",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    listing = sub.add_parser("list", help="tags with step, losses, size, completeness, pointers")
+    listing.add_argument("run", type=Path, help="run directory, e.g. runs/NAME")
+    listing.add_argument("--json", action="store_true", help="one JSON object per tag")
+    args = p.parse_args(argv)
+    if not (args.run / "spec.yaml").exists() and not checkpoint.checkpoint_dir(args.run).is_dir():
+        raise UserError(f"{args.run} is not a zerolaunch run directory")
+    table = rows(args.run)
+    if not table:
+        raise UserError(f"{args.run} has no checkpoints ({checkpoint.checkpoint_dir(args.run)})")
+    if args.json:
+        print("\n".join(json.dumps(r) for r in table))
+    else:
+        print(format_table(table))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,278 @@
+"""Checkpoints you can trust: exact resume, crash safety, another world size, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import DEEPSPEED, PYTHON, REPO, TINY, overrides, read_metrics, run
+
+from launcher import checkpoint
+
+pytestmark = pytest.mark.integration
+
+# Per-step losses (log_interval 1), dropout on (so RNG state matters), a schedule fixed by
+# lr_decay_steps whatever max_steps a launch has.
+EXACT = [
+    *TINY,
+    "model.dropout=0.1",
+    "train.log_interval=1",
+    "train.lr_decay_steps=8",
+    "eval.interval=4",
+    "checkpoint.interval=4",
+    "sample.max_new_tokens=0",
+]
+
+
+def deepspeed(ranks: int, ds_config: str, *items: str, check: bool = True, **env: str):
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "launcher/run.py", "--ds_config", ds_config]
+    return run([*cmd, *overrides(*items)], check=check, **env)
+
+
+def copy_tag(run_dir: Path, tag: str, new_run: Path) -> Path:
+    """A run directory holding only one tag of another run: a run stopped at that step."""
+    (new_run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints" / tag, new_run / "checkpoints" / tag)
+    return new_run
+
+
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    return {m["step"]: m[key] for m in read_metrics(run_dir) if key in m}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_is_bit_for_bit(tiny_data: Path, tmp_path: Path, stage: int) -> None:
+    config = f"ds_configs/zero{stage}.json"
+    whole = tmp_path / "whole"
+    deepspeed(2, config, *EXACT, f"data.train={tiny_data}", f"out_dir={whole}", "train.max_steps=8")
+    resumed = copy_tag(whole, "global_step4", tmp_path / "resumed")
+    result = deepspeed(
+        2, config, *EXACT, f"data.train={tiny_data}", f"out_dir={resumed}", "train.max_steps=8"
+    )
+    assert "resumed from" in result.stdout and "at step 4" in result.stdout
+    uninterrupted, continued = losses(whole), losses(resumed)
+    assert sorted(continued) == [5, 6, 7, 8]
+    for step in continued:  # exactly equal: model, optimizer, data position and every RNG
+        assert continued[step] == uninterrupted[step], (step, continued, uninterrupted)
+    assert losses(resumed, "val_loss")[8] == losses(whole, "val_loss")[8]
+    run_ids = {
+        checkpoint.read_meta(d / "checkpoints" / "global_step8")["run_id"] for d in (whole, resumed)
+    }
+    assert run_ids == {checkpoint.read_meta(whole / "checkpoints" / "global_step4")["run_id"]}
+
+
+def _rank_process(launcher: subprocess.Popen, local_rank: int) -> psutil.Process:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if f"--local_rank={local_rank}" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError(f"no process for local rank {local_rank}")
+
+
+def test_killed_save_falls_back_to_the_previous_complete_tag(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    items = [
+        *TINY,
+        f"data.train={tiny_data}",
+        f"out_dir={out}",
+        "train.max_steps=20",
+        "checkpoint.interval=5",
+        "eval.interval=5",
+        "checkpoint.keep_last=2",
+        "sample.max_new_tokens=0",
+    ]
+    cmd = [
+        DEEPSPEED,
+        "--num_gpus",
+        "2",
+        "launcher/run.py",
+        "--ds_config",
+        "ds_configs/zero2.json",
+        *overrides(*items),
+    ]
+    env = {**os.environ, "ZEROLAUNCH_TEST_SAVE_PAUSE": "10:120"}
+    launcher = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    tag10 = out / "checkpoints" / "global_step10"
+    deadline = time.monotonic() + 240
+    while not (tag10 / "rng_state_rank1.pt").exists():  # shards written, tag not yet complete
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read()
+        time.sleep(0.2)
+    _rank_process(launcher, 1).send_signal(signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    assert not (tag10 / checkpoint.META_FILE).exists()
+    assert checkpoint.read_pointer(out / "checkpoints", checkpoint.LATEST) == "global_step5"
+
+    listing = run([PYTHON, "-m", "launcher.ckpt", "list", str(out)]).stdout
+    assert "global_step5" in listing and "complete (latest, best)" in listing
+    assert "INCOMPLETE: no completion marker" in listing
+
+    again = deepspeed(2, "ds_configs/zero2.json", *items)
+    assert (
+        "skipping checkpoint" in again.stderr
+        and "global_step10: no completion marker" in again.stderr
+    )
+    assert "resumed from" in again.stdout and "global_step5 at step 5" in again.stdout
+    steps = [m["step"] for m in read_metrics(out) if "loss" in m]
+    assert steps == sorted(set(steps)) and steps[-1] == 20  # no step logged twice
+    assert [t for _, t in checkpoint.list_tags(out / "checkpoints")][-2:] == [
+        "global_step15",
+        "global_step20",
+    ]
+
+    # A truncated shard in the newest tag: auto falls back with a warning, a named path refuses.
+    shard = out / "checkpoints" / "global_step20" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    named = deepspeed(
+        2, "ds_configs/zero2.json", *items, f"checkpoint.resume={shard.parent}", check=False
+    )
+    assert named.returncode == 2 and "the checkpoint is damaged" in named.stderr
+    assert "(truncated)" in named.stderr
+    auto = deepspeed(2, "ds_configs/zero2.json", *items)
+    assert "skipping checkpoint" in auto.stderr and "global_step20: " in auto.stderr
+    assert "global_step15 at step 15" in auto.stdout
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 ranks, ZeRO-2, global batch 8 (micro 4), dropout 0, a checkpoint at step 4."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    deepspeed(
+        2,
+        "ds_configs/zero2.json",
+        *EXACT,
+        "model.dropout=0.0",
+        "train.micro_batch_size=4",
+        f"data.train={tiny_data}",
+        f"out_dir={out}",
+        "train.max_steps=5",
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    ("ranks", "micro", "accum", "config"),
+    [
+        (1, 4, 2, "ds_configs/zero2.json"),
+        (4, 2, 1, "ds_configs/zero2.json"),
+        (2, 4, 1, "ds_configs/zero1.json"),
+    ],
+    ids=["2to1", "2to4", "zero2to1"],
+)
+def test_resume_at_another_world_size_or_stage(
+    base_run: Path, tiny_data: Path, tmp_path: Path, ranks, micro, accum, config
+) -> None:
+    resumed = copy_tag(base_run, "global_step4", tmp_path / "resumed")
+    result = deepspeed(
+        ranks,
+        config,
+        *EXACT,
+        "model.dropout=0.0",
+        f"train.micro_batch_size={micro}",
+        f"train.grad_accum_steps={accum}",
+        f"data.train={tiny_data}",
+        f"out_dir={resumed}",
+        "train.max_steps=5",
+    )
+    assert "loading it in DeepSpeed's universal format" in result.stdout
+    assert (resumed / "checkpoints" / "global_step4_universal" / checkpoint.META_FILE).exists()
+    # Same global batch (8 sequences), same samples: the loss the original run had at step 5.
+    assert losses(resumed)[5] == pytest.approx(losses(base_run)[5], abs=1e-5)
+    meta = checkpoint.read_meta(resumed / "checkpoints" / "global_step5")
+    assert meta["world_size"] == ranks and meta["consumed_samples"] == 40
+
+
+def test_export_loads_in_transformers_with_equal_logits(base_run: Path, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")  # in the dev extra: present in CI
+    out = tmp_path / "hf"
+    result = run([PYTHON, "-m", "launcher.export", "--run", str(base_run), "--out", str(out)])
+    assert "global_step5" in result.stdout
+    assert {p.name for p in out.iterdir()} >= {
+        "model.safetensors",
+        "config.json",
+        "zerolaunch_tokenizer.json",
+    }
+    from launcher.sample import load_run_model
+
+    ours, _ = load_run_model(base_run, None, torch.device("cpu"))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    tokens = torch.randint(0, 97, (3, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(tokens).logits - ours.eval()(tokens)[0]).abs().max().item()
+    assert diff < 1e-4
+    sample = run(
+        [
+            PYTHON,
+            "-m",
+            "launcher.sample",
+            "--run",
+            str(out),
+            "--prompt",
+            "def ",
+            "--max-new-tokens",
+            "10",
+            "--num-samples",
+            "2",
+        ]
+    )
+    assert sample.stdout.count("--- sample") == 2 and sample.stdout.count("def ") >= 2
+
+
+def test_missing_tags_and_non_checkpoints_are_clear_errors(
+    base_run: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    for cmd in (
+        ["launcher.sample", "--run", str(base_run), "--tag", "global_step99"],
+        [
+            "launcher.export",
+            "--run",
+            str(base_run),
+            "--tag",
+            "global_step99",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    ):
+        result = run([PYTHON, "-m", *cmd], check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "no complete checkpoint tag 'global_step99'" in result.stderr
+        assert "global_step4, global_step5" in result.stderr
+    for cmd in (
+        ["launcher.sample", "--run", str(tmp_path)],
+        ["launcher.ckpt", "list", str(tmp_path)],
+    ):
+        result = run([PYTHON, "-m", *cmd], check=False)
+        assert result.returncode == 2 and "not a zerolaunch run directory" in result.stderr
+
+
+def _fake_tag(ckpt_dir: Path, step: int, val: float) -> None:
+    tag = checkpoint.tag_for(step)
+    (ckpt_dir / tag).mkdir(parents=True)
+    (ckpt_dir / tag / "shard.pt").write_bytes(b"x" * step)
+    meta = {"step": step, "val_loss": val, "val_step": step}
+    checkpoint._complete(ckpt_dir, tag, meta, keep_last=2)
+
+
+def test_best_follows_val_loss_and_survives_rotation(tmp_path: Path) -> None:
+    ckpt_dir = tmp_path / "checkpoints"
+    for step, val in [(10, 3.0), (20, 1.0), (30, 2.0), (40, 4.0), (50, 5.0)]:
+        _fake_tag(ckpt_dir, step, val)
+    assert checkpoint.read_pointer(ckpt_dir, checkpoint.BEST) == "global_step20"
+    assert checkpoint.read_pointer(ckpt_dir, checkpoint.LATEST) == "global_step50"
+    assert [t for _, t in checkpoint.all_tags(ckpt_dir)] == [
+        "global_step20",
+        "global_step40",
+        "global_step50",
+    ]
+    marker = json.loads((ckpt_dir / "global_step50" / checkpoint.META_FILE).read_text())
+    assert marker["manifest"] == {"shard.pt": 50}
