@@ -86,6 +86,12 @@ class EvalConfig:
     """Steps between evaluations (and after the last step); 0 disables evaluation."""
     batches: int = 20
     """Micro-batches per rank in each evaluation."""
+    patience: int = 3
+    """Overfitting: evaluations in a row with val above its best by more than min_delta."""
+    min_delta: float = 0.0
+    """Overfitting: how far above its best val must be for an evaluation to count as a rise."""
+    early_stop: bool = False
+    """On overfitting, save a final checkpoint and stop cleanly."""
 
 
 @dataclass
@@ -115,6 +121,38 @@ class SampleConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases: rank 0 logs every metric; a failure warns once and training goes on."""
+
+    enabled: bool = True
+    """Log to wandb at all (metrics.jsonl is always written)."""
+    project: str = "zerolaunch"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (user or team); null = your default."""
+    name: str | None = None
+    """Display name; null = the run spec's name."""
+    group: str | None = None
+    """wandb group, e.g. to gather the runs of a sweep."""
+    tags: list[str] = field(default_factory=list)
+    """wandb tags."""
+    mode: str | None = None
+    """online, offline or disabled; null = online with an API key configured, else offline."""
+
+
+@dataclass
+class MonitorConfig:
+    """Metrics: where they go and how throughput is measured."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; null = the device table (GPUs) or a measured matmul
+    peak (CPUs)."""
+    detailed_timing: bool = True
+    """Time forward and backward separately (CUDA events on GPUs, no extra synchronisation)."""
+
+
+@dataclass
 class RunSpec:
     """The whole run: it only composes the sections."""
 
@@ -128,6 +166,7 @@ class RunSpec:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -158,6 +197,8 @@ def display_path(path: Path) -> str:
 def _type_name(tp: Any) -> str:
     if isinstance(tp, type):
         return tp.__name__
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return " or ".join(_type_name(a) for a in args) + " or null"
 
@@ -174,6 +215,12 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
                 if ok:
                     return True, coerced
         return False, value
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            value = [value]
+        coerced = [_coerce(v, item) for v in value]
+        return all(ok for ok, _ in coerced), [v for _, v in coerced]
     if tp is bool:
         return isinstance(value, bool), value
     if tp is int:
@@ -338,8 +385,13 @@ def validate(spec: RunSpec) -> list[str]:
     fraction = spec.data.val_fraction
     if fraction is not None and not 0.0 <= fraction < 1.0:
         problems.append(f"data.val_fraction: must be in [0, 1), got {fraction}")
-    _check_min(problems, spec.eval, "eval", 0, "interval")
-    _check_min(problems, spec.eval, "eval", 1, "batches")
+    _check_min(problems, spec.eval, "eval", 0, "interval", "min_delta")
+    _check_min(problems, spec.eval, "eval", 1, "batches", "patience")
+    mode = spec.monitor.wandb.mode
+    if mode not in (None, "online", "offline", "disabled"):
+        problems.append(f"monitor.wandb.mode: {mode!r} is not online, offline, disabled or null")
+    if spec.monitor.peak_flops is not None and spec.monitor.peak_flops <= 0:
+        problems.append(f"monitor.peak_flops: must be > 0, got {spec.monitor.peak_flops}")
     _check_min(problems, spec.checkpoint, "checkpoint", 0, "interval", "keep_last")
     _check_min(problems, spec.sample, "sample", 0, "max_new_tokens", "temperature")
     _check_min(problems, spec.sample, "sample", 1, "top_k")

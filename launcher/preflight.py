@@ -168,7 +168,7 @@ def prepare_run(spec_path: Path | None, ds_path: Path, overrides: list[str]) -> 
     if resume is not None and resume.universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     run_id = resume.meta.get("run_id") if resume else None
-    return RunPlan(spec, ds_config, env, data, resume, warnings, run_id or secrets.token_hex(4))
+    return RunPlan(spec, ds_config, env, data, resume, warnings, run_id or secrets.token_hex(6))
 
 
 def _resume(spec: RunSpec, env: DistEnv, ds_config: dict) -> tuple[Resume | None, list[str]]:

@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    started = time.perf_counter()
+    started = _process_start()
     args = parse_args(argv)
     # DeepSpeed's ZeRO calls a torch collective that torch marks deprecated, once per step.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:  # once, cached beside the tag; the other ranks wait at the barrier
             convert_to_universal(plan.resume.tag_dir)
         torch.distributed.barrier()
-    ctx = RunContext(env, device, plan.ds_config, plan.data, plan.resume, plan.run_id)
+    ctx = RunContext(env, device, plan.ds_config, plan.data, plan.resume, plan.run_id, started)
     if env.is_main:
         print(plan.summary(), flush=True)
     model, engine = train(spec, ctx)
@@ -111,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return 0
+
+
+def _process_start() -> float:
+    """The process's start on the time.perf_counter() clock (imports included)."""
+    import psutil
+
+    return time.perf_counter() - (time.time() - psutil.Process().create_time())
 
 
 def _write_run_files(plan) -> None:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +13,9 @@ from launcher import checkpoint
 from launcher.config import RunSpec, spec_to_dict
 from launcher.distributed import DistEnv
 from launcher.ds_config import zero_stage
+from launcher.monitor import StepTimer
 from launcher.preflight import DataPlan, Resume
+from launcher.reporter import Reporter
 from launcher.schedule import global_batch_size, lr_at, rank_sample_indices
 from model.gpt import GPT, flops_per_token, param_groups
 
@@ -106,58 +105,21 @@ def evaluate(engine: Any, batches: Batches, n_batches: int) -> float:
     return all_reduce_mean(total / n_batches)
 
 
-class MetricsLog:
-    """Rank 0's log: one printed line and one `metrics.jsonl` record per log step."""
-
-    def __init__(self, path: Path, resume_step: int, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-        self.last_val: float | None = None  # printed on every line once known
-        if enabled:
-            self._truncate_after(resume_step)
-
-    def _truncate_after(self, step: int) -> None:
-        """Drop records past the resumed step (a crash after the last checkpoint leaves some)."""
-        kept = []
-        if step > 0 and self.path.exists():
-            records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-            kept = [r for r in records if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.last_val = next((r["val_loss"] for r in reversed(kept) if "val_loss" in r), None)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        parts = [f"step {record['step']:>6}"]
-        if "loss" in record:
-            parts.append(f"loss {record['loss']:.4f}")
-        self.last_val = record.get("val_loss", self.last_val)
-        if self.last_val is not None:
-            parts.append(f"val {self.last_val:.4f}")
-        if "lr" in record:
-            parts.append(f"lr {record['lr']:.2e}")
-        if "tokens_per_sec" in record:
-            parts.append(f"{record['tokens_per_sec']:,.0f} tok/s")
-            parts.append(f"{record['ms_per_step']:.1f} ms/step")
-        print(" | ".join(parts), flush=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def train_step(engine: Any, batches: Batches, step: int, accum: int) -> torch.Tensor:
-    """One optimizer step (accum micro-batches); returns this rank's mean loss, on device."""
+def train_step(
+    engine: Any, batches: Batches, step: int, accum: int, timer: StepTimer, marks: list
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step (accum micro-batches): (this rank's mean loss, last micro loss)."""
     total = torch.zeros((), device=batches.device)
     for micro in range(accum):
+        start = timer.mark()
         x, y = batches.train(step, micro)
         _, loss = engine(x, y)
+        forward = timer.mark() if timer.detailed else None
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        marks.append((start, forward, timer.mark()))
         total += loss.detach().float()
-    return total / accum
+    return total / accum, loss.detach().float()
 
 
 @dataclass
@@ -170,9 +132,11 @@ class RunContext:
     data: DataPlan
     resume: Resume | None
     run_id: str
+    started_at: float
+    """time.perf_counter() when the process started: the start of Timing/startup_time."""
 
 
-def _checkpoint_meta(spec: RunSpec, state: TrainState, ctx: RunContext, losses: dict) -> dict:
+def _checkpoint_meta(spec: RunSpec, state: TrainState, ctx: RunContext, fields: dict) -> dict:
     return {
         "step": state.step,
         "consumed_samples": state.consumed_samples,
@@ -181,7 +145,7 @@ def _checkpoint_meta(spec: RunSpec, state: TrainState, ctx: RunContext, losses: 
         "zero_stage": zero_stage(ctx.ds_config),
         "world_size": ctx.env.world_size,
         "bf16": bool(ctx.ds_config.get("bf16", {}).get("enabled")),
-        **losses,
+        **fields,
     }
 
 
@@ -207,8 +171,28 @@ def train(spec: RunSpec, ctx: RunContext) -> tuple[GPT, Any]:
                     flush=True,
                 )
     batches, val_batches = _batches(spec, ctx)
-    log = MetricsLog(spec.run_dir / "metrics.jsonl", state.step, env.is_main)
-    _loop(engine, spec, ctx, state, batches, val_batches, log)
+    reporter = Reporter(
+        spec,
+        device=ctx.device,
+        world_size=env.world_size,
+        is_main=env.is_main,
+        flops_per_token=model_flops_per_token(model),
+        samples_per_step=global_batch_size(t.micro_batch_size, t.grad_accum_steps, env.world_size),
+        started_at=ctx.started_at,
+        resume_step=state.step,
+        resume_meta=ctx.resume.meta if ctx.resume else None,
+        run_id=ctx.run_id,
+        ds_config=ctx.ds_config,
+    )
+    if env.is_main:
+        print(
+            f"MFU against {reporter.peak / 1e12:,.3f} TFLOP/s per device: {reporter.peak_source}",
+            flush=True,
+        )
+    try:
+        _loop(engine, spec, ctx, state, batches, val_batches, reporter)
+    finally:
+        reporter.finish()
     return model, engine
 
 
@@ -226,38 +210,6 @@ def _batches(spec: RunSpec, ctx: RunContext) -> tuple[Batches, Batches | None]:
     return batches, Batches(ctx.data.val, *layout)
 
 
-def data_progress(samples: BlendedSamples, consumed_samples: int) -> dict[str, float]:
-    """Epoch (single source) and per-source tokens and epochs, for the metrics log."""
-    progress = samples.progress(consumed_samples)
-    record = {}
-    for name, p in progress.items():
-        record[f"data/{name}/tokens"] = p["tokens"]
-        record[f"data/{name}/epoch"] = p["epoch"]
-    if len(progress) == 1:
-        record["epoch"] = next(iter(progress.values()))["epoch"]
-    return record
-
-
-class Window:
-    """Loss and wall time between two log lines; eval and checkpoint time stays out of it."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        _sync(self.device)
-        self.loss, self.steps = torch.zeros((), device=self.device), 0
-        self.start, self.excluded = time.perf_counter(), 0.0
-
-    def exclude(self, seconds: float) -> None:
-        self.excluded += seconds
-
-    def elapsed(self) -> float:
-        _sync(self.device)
-        return time.perf_counter() - self.start - self.excluded
-
-
 def _loop(
     engine: Any,
     spec: RunSpec,
@@ -265,58 +217,50 @@ def _loop(
     state: TrainState,
     batches: Batches,
     val_batches: Batches | None,
-    log: MetricsLog,
+    reporter: Reporter,
 ) -> None:
     t = spec.train
     samples_per_step = global_batch_size(t.micro_batch_size, t.grad_accum_steps, ctx.env.world_size)
-    window, losses = Window(ctx.device), {}
     while state.step < t.max_steps:
         set_lr(engine, lr_at(state.step, t))
-        window.loss += train_step(engine, batches, state.step, t.grad_accum_steps)
-        window.steps += 1
+        marks = reporter.step_started()
+        loss, last_micro = train_step(
+            engine, batches, state.step, t.grad_accum_steps, reporter.timer, marks
+        )
+        reporter.step_done(loss, last_micro)
         state.step += 1
         state.consumed_samples += samples_per_step
         last = state.step == t.max_steps
         record: dict[str, float] = {}
-        if val_batches and (state.step % spec.eval.interval == 0 or last):
-            started = time.perf_counter()
-            losses["val_step"] = state.step
-            record["val_loss"] = losses["val_loss"] = evaluate(
-                engine, val_batches, spec.eval.batches
-            )
-            window.exclude(time.perf_counter() - started)
         if state.step % t.log_interval == 0 or last:
-            elapsed = window.elapsed()
-            losses["train_loss"] = all_reduce_mean(window.loss / window.steps)
-            tokens = window.steps * samples_per_step * spec.model.block_size
-            record |= {
-                "loss": losses["train_loss"],
-                "lr": lr_at(state.step - 1, t),
-                "tokens_per_sec": tokens / elapsed,
-                "ms_per_step": 1000 * elapsed / window.steps,
-                "consumed_samples": state.consumed_samples,
-                **data_progress(ctx.data.train, state.consumed_samples),
-            }
-        if record:
-            log.write({"step": state.step, **record})
-        if (spec.checkpoint.interval and state.step % spec.checkpoint.interval == 0) or last:
-            started = time.perf_counter()
+            record |= reporter.train_record(
+                state.step, lr_at(state.step - 1, t), ctx.data.train, state.consumed_samples
+            )
+        if val_batches and (state.step % spec.eval.interval == 0 or last):
+            val = evaluate(engine, val_batches, spec.eval.batches)
+            record |= reporter.val_record(state.step, val)
+        reporter.write(state.step, record)
+        stop = spec.eval.early_stop and reporter.detector.fired_at == state.step
+        if (
+            (spec.checkpoint.interval and state.step % spec.checkpoint.interval == 0)
+            or last
+            or stop
+        ):
             client = {
                 "step": state.step,
                 "consumed_samples": state.consumed_samples,
                 "run_id": ctx.run_id,
                 "spec": spec_to_dict(spec),
             }
-            checkpoint.save(
-                engine,
-                spec.run_dir,
-                _checkpoint_meta(spec, state, ctx, losses),
-                client,
-                spec.checkpoint.keep_last,
-            )
-            window.exclude(time.perf_counter() - started)
-        if "loss" in record:
-            window.reset()
+            meta = _checkpoint_meta(spec, state, ctx, reporter.checkpoint_fields())
+            checkpoint.save(engine, spec.run_dir, meta, client, spec.checkpoint.keep_last)
+        if stop:
+            if ctx.env.is_main:
+                print(
+                    f"early stop at step {state.step} (eval.early_stop): checkpoint saved",
+                    flush=True,
+                )
+            break
 
 
 def model_flops_per_token(model: GPT) -> int:

@@ -65,7 +65,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run(cmd: list[str], check: bool = True, timeout: int = 300, **env: str):
     """Run a command from the repo root; on failure show its whole output."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    # wandb stays on this machine unless a test asks otherwise (a developer's API key included).
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **env}
     result = subprocess.run(
         cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env
     )

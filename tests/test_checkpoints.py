@@ -44,7 +44,7 @@ def copy_tag(run_dir: Path, tag: str, new_run: Path) -> Path:
     return new_run
 
 
-def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+def losses(run_dir: Path, key: str = "Loss/train") -> dict[int, float]:
     return {m["step"]: m[key] for m in read_metrics(run_dir) if key in m}
 
 
@@ -62,7 +62,7 @@ def test_resume_is_bit_for_bit(tiny_data: Path, tmp_path: Path, stage: int) -> N
     assert sorted(continued) == [5, 6, 7, 8]
     for step in continued:  # exactly equal: model, optimizer, data position and every RNG
         assert continued[step] == uninterrupted[step], (step, continued, uninterrupted)
-    assert losses(resumed, "val_loss")[8] == losses(whole, "val_loss")[8]
+    assert losses(resumed, "Loss/val")[8] == losses(whole, "Loss/val")[8]
     run_ids = {
         checkpoint.read_meta(d / "checkpoints" / "global_step8")["run_id"] for d in (whole, resumed)
     }
@@ -123,7 +123,7 @@ def test_killed_save_falls_back_to_the_previous_complete_tag(
         and "global_step10: no completion marker" in again.stderr
     )
     assert "resumed from" in again.stdout and "global_step5 at step 5" in again.stdout
-    steps = [m["step"] for m in read_metrics(out) if "loss" in m]
+    steps = [m["step"] for m in read_metrics(out) if "Loss/train" in m]
     assert steps == sorted(set(steps)) and steps[-1] == 20  # no step logged twice
     assert [t for _, t in checkpoint.list_tags(out / "checkpoints")][-2:] == [
         "global_step15",

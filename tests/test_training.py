@@ -20,11 +20,15 @@ def test_deepspeed_zero2_two_ranks_trains_checkpoints_and_resumes(
     first = run([*cmd, *overrides(*base, "train.max_steps=30")])
     assert "engine: ZeRO stage 2, 2 rank(s)" in first.stdout
     metrics = read_metrics(out)
-    losses = [m["loss"] for m in metrics if "loss" in m]
-    assert [m["step"] for m in metrics if "loss" in m] == [5, 10, 15, 20, 25, 30]
+    losses = [m["Loss/train"] for m in metrics if "Loss/train" in m]
+    assert [m["step"] for m in metrics if "Loss/train" in m] == [5, 10, 15, 20, 25, 30]
     assert losses[-1] < losses[0] - 0.8, losses  # from ~4.5 (uniform) to well below
-    assert [m["step"] for m in metrics if "val_loss" in m] == [10, 20, 30]
-    assert all(m["tokens_per_sec"] > 0 and m["ms_per_step"] > 0 for m in metrics if "loss" in m)
+    assert [m["step"] for m in metrics if "Loss/val" in m] == [10, 20, 30]
+    assert all(
+        m["Timing/tokens_per_sec"] > 0 and m["Timing/dt_avg"] > 0
+        for m in metrics
+        if "Loss/train" in m
+    )
     tag = out / "checkpoints" / "global_step30"
     for rank in (0, 1):
         assert (tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").stat().st_size > 0
@@ -34,9 +38,9 @@ def test_deepspeed_zero2_two_ranks_trains_checkpoints_and_resumes(
 
     second = run([*cmd, *overrides(*base, "train.max_steps=40")])
     assert "resumed from" in second.stdout and "global_step30 at step 30" in second.stdout
-    steps = [m["step"] for m in read_metrics(out) if "loss" in m]
+    steps = [m["step"] for m in read_metrics(out) if "Loss/train" in m]
     assert steps == [5, 10, 15, 20, 25, 30, 35, 40]  # continued, nothing repeated
-    resumed_loss = next(m["loss"] for m in read_metrics(out) if m["step"] == 35)
+    resumed_loss = next(m["Loss/train"] for m in read_metrics(out) if m["step"] == 35)
     assert resumed_loss < losses[0] - 0.8  # the trained weights were loaded, not a fresh model
     tags = sorted(p.name for p in (out / "checkpoints").glob("global_step*"))
     assert tags == ["global_step30", "global_step40"]  # keep_last=2 rotated the rest
@@ -73,8 +77,8 @@ def test_plain_python_single_process_with_blended_data(tiny_data: Path, tmp_path
     last = read_metrics(out)[-1]
     assert last["step"] == 10 and last["consumed_samples"] == 80
     # 80 samples of 64 tokens, exactly 3:1.
-    assert last["data/stdlib/tokens"] == 60 * 64 and last["data/copy/tokens"] == 20 * 64
-    assert 0 < last["data/copy/epoch"] < last["data/stdlib/epoch"]
+    assert last["Data/stdlib/tokens"] == 60 * 64 and last["Data/copy/tokens"] == 20 * 64
+    assert 0 < last["Data/copy/epoch"] < last["Data/stdlib/epoch"]
     assert (out / "checkpoints" / "global_step10" / "mp_rank_00_model_states.pt").exists()
     shutil.rmtree(out)
 
@@ -103,7 +107,7 @@ def test_torchrun_zero3_two_processes(tiny_data: Path, tmp_path: Path) -> None:
     assert "batch 32 sequences" in result.stdout  # 8 micro x 2 accum x 2 ranks
     assert "--- sample ---" in result.stdout
     metrics = read_metrics(out)
-    assert metrics[-1]["step"] == 10 and "val_loss" in metrics[-1]
+    assert metrics[-1]["step"] == 10 and "Loss/val" in metrics[-1]
     sample = run([PYTHON, "-m", "launcher.sample", "--run", str(out), "--max-new-tokens", "5"])
     assert sample.stdout.startswith("What is an LLM?")
     # Sharded parameters consolidate into the Hugging Face layout too.

@@ -1,0 +1,130 @@
+"""Model FLOPs utilisation against an honest peak: a device table, an override, or a measurement.
+
+MFU = (model FLOPs per token x tokens/s per device) / peak FLOP/s of one device, with FLOPs per
+token from the PaLM formula (model.gpt.flops_per_token). HFU also counts the forward pass that
+activation checkpointing recomputes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) peak TFLOP/s per device: (bf16/fp16 tensor cores, tf32 tensor cores).
+# Vendor datasheets; SXM/OAM parts unless the name says PCIe.
+PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989.0, 494.0),
+    "H100 NVL": (835.0, 418.0),
+    "H100 PCIE": (756.0, 378.0),
+    "H100": (989.0, 494.0),
+    "GH200": (989.0, 494.0),
+    "B200": (2250.0, 1100.0),
+    "A100": (312.0, 156.0),
+    "A800": (312.0, 156.0),
+    "A40": (149.7, 74.8),
+    "A10G": (70.0, 35.0),
+    "A10": (125.0, 62.5),
+    "L40S": (362.0, 183.0),
+    "L40": (181.0, 90.5),
+    "L4": (121.0, 60.0),
+    "RTX 4090": (165.2, 82.6),
+    "RTX 3090": (71.0, 35.6),
+    "V100": (125.0, 15.7),  # no tf32: fp32 CUDA cores
+    "MI300X": (1307.0, 653.7),
+    "MI250X": (383.0, 95.7),
+    "MI250": (362.0, 90.5),
+}  # fmt: skip
+
+
+def table_peak(device_name: str, half_precision: bool) -> float | None:
+    """Peak FLOP/s for a GPU name from torch.cuda.get_device_name, or None if unknown."""
+    name = device_name.upper()
+    for key, (half, tf32) in PEAK_TFLOPS.items():  # specific names come before generic ones
+        if key in name:
+            return (half if half_precision else tf32) * 1e12
+    return None
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("ZEROLAUNCH_CACHE", Path.home() / ".cache" / "zerolaunch"))
+    return root / "cpu_peak.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.0) -> float:
+    """Best FLOP/s of size^3 matmuls on this process's threads over about `seconds`."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)  # warm-up
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def cpu_peak(dtype: torch.dtype) -> float:
+    """This CPU's matmul peak at this process's thread count, measured once and cached."""
+    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    cache = _cache_file()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    if key not in known:
+        known[key] = measure_matmul_peak(dtype)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # an unwritable cache only costs a re-measurement next time
+    return known[key]
+
+
+def device_peak(
+    device: torch.device, half_precision: bool, override: float | None
+) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where it came from)."""
+    if override is not None:
+        return override, "monitor.peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = table_peak(name, half_precision)
+        if peak is not None:
+            return peak, f"{name} ({'bf16/fp16' if half_precision else 'tf32'} datasheet)"
+        dtype = torch.bfloat16 if half_precision else torch.float32
+        return measure_matmul_peak(dtype, size=8192), f"{name} (measured: not in the table)"
+    dtype = torch.bfloat16 if half_precision else torch.float32
+    return cpu_peak(dtype), f"{_cpu_name()}, {torch.get_num_threads()} thread(s) (measured)"
+
+
+def mfu(flops_per_token: float, tokens_per_sec_per_device: float, peak: float) -> float:
+    """Model FLOPs utilisation in percent."""
+    return 100.0 * flops_per_token * tokens_per_sec_per_device / peak
+
+
+def hfu(
+    flops_per_token: float,
+    forward_flops_per_token: float,
+    tokens_per_sec_per_device: float,
+    peak: float,
+) -> float:
+    """Hardware FLOPs utilisation in percent: the recomputed forward counts as work done."""
+    return mfu(flops_per_token + forward_flops_per_token, tokens_per_sec_per_device, peak)
