@@ -149,10 +149,11 @@ def check_compatible(tag_dir: Path, model: GPTConfig) -> dict:
     """Refuse a checkpoint of another model shape, listing what differs; returns its metadata."""
     meta = read_meta(tag_dir)
     saved = meta["model"]
+    not_shape = {"dropout", "activation_checkpointing", "activation_checkpointing_n"}
     diffs = [
         f"model.{k}: checkpoint {saved.get(k)!r}, now {v!r}"
         for k, v in asdict(model).items()
-        if k != "dropout" and saved.get(k) != v
+        if k not in not_shape and saved.get(k) != v
     ]
     if diffs:
         raise UserError(

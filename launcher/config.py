@@ -367,6 +367,12 @@ def validate(spec: RunSpec) -> list[str]:
     _check_min(problems, m, "model", 1, "n_layer", "n_head", "n_embd", "block_size", "vocab_size")
     if m.n_head >= 1 and m.n_embd % m.n_head:
         problems.append(f"model.n_head: {m.n_head} does not divide model.n_embd={m.n_embd}")
+    if m.activation_checkpointing not in ("none", "full", "every_n"):
+        problems.append(
+            f"model.activation_checkpointing: {m.activation_checkpointing!r} is not "
+            "none, full or every_n"
+        )
+    _check_min(problems, m, "model", 1, "activation_checkpointing_n")
     if not 0.0 <= m.dropout < 1.0:
         problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
     _check_min(problems, t, "train", 1, "max_steps", "micro_batch_size", "grad_accum_steps")

@@ -19,6 +19,7 @@ from data_pipeline.gpt_dataset import BlendedSamples
 from launcher import mfu
 from launcher.config import RunSpec, spec_to_dict
 from launcher.monitor import MetricsLog, OverfitDetector, StepTimer, WandbSink
+from model.gpt import recompute_fraction
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -59,6 +60,7 @@ class Reporter:
         self.spec, self.device, self.world_size, self.is_main = spec, device, world_size, is_main
         self.flops_per_token, self.samples_per_step = flops_per_token, samples_per_step
         self.started_at, self.startup_time = started_at, None
+        self.recompute = recompute_fraction(spec.model)
         self.timer = StepTimer(device, spec.monitor.detailed_timing)
         self.window_loss = torch.zeros((), device=device)
         self.total_loss = torch.zeros((), device=device)
@@ -141,6 +143,17 @@ class Reporter:
             "consumed_samples": consumed_samples,
             **data_metrics(samples, consumed_samples),
         }
+        if self.recompute:  # activation checkpointing: the recomputed forward is work done too
+            record["Loss/hfu"] = (
+                mfu.hfu(
+                    self.flops_per_token,
+                    self.flops_per_token / 3 * self.recompute,
+                    per_device,
+                    self.peak,
+                )
+                if self.peak
+                else 0.0
+            )
         if self.timer.detailed:
             for name, key in (("dtf", "forward"), ("dtb", "backward")):
                 record[f"Timing/{name}_avg"] = times[key] / n

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.checkpoint import convert_to_universal
     from launcher.distributed import init_process_group, select_device
     from launcher.sample import generate_text
-    from launcher.train import RunContext, model_flops_per_token, train
+    from launcher.train import RunContext, config_flops_per_token, train
 
     spec, env = plan.spec, plan.env
     device = select_device(env)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     if env.is_main:
         print(
             f"finished at step {spec.train.max_steps} in {time.perf_counter() - started:.1f}s "
-            f"({model_flops_per_token(model) / 1e6:.1f} MFLOPs/token); "
+            f"({config_flops_per_token(spec.model) / 1e6:.1f} MFLOPs/token); "
             f"checkpoints in {spec.run_dir / 'checkpoints'}",
             flush=True,
         )

@@ -17,7 +17,7 @@ from launcher.monitor import StepTimer
 from launcher.preflight import DataPlan, Resume
 from launcher.reporter import Reporter
 from launcher.schedule import global_batch_size, lr_at, rank_sample_indices
-from model.gpt import GPT, flops_per_token, param_groups
+from model.gpt import GPT, GPTConfig, flops_per_token, param_groups
 
 
 @dataclass
@@ -68,15 +68,47 @@ class Batches:
         return x, y
 
 
-def build_engine(model: GPT, spec: RunSpec, ds_config: dict, device: torch.device) -> Any:
-    """Wrap the model in a DeepSpeed engine with the spec's AdamW."""
+def build_optimizer(
+    model: GPT, spec: RunSpec, ds_config: dict, device: torch.device
+) -> torch.optim.Optimizer:
+    """The spec's AdamW: DeepSpeed's CPU Adam when the optimizer is offloaded, fused on GPUs."""
+    t = spec.train
+    groups = param_groups(model, t.weight_decay)
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {})
+    if offload.get("device") == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr_at(0, t), betas=(t.beta1, t.beta2), adamw_mode=True)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr_at(0, t), betas=(t.beta1, t.beta2), **fused)
+
+
+def use_deepspeed_checkpointing(model: GPT, ds_config: dict) -> None:
+    """With an `activation_checkpointing` section in the DeepSpeed JSON, the blocks the spec
+    checkpoints go through DeepSpeed's checkpointing (partitioned / CPU activations)."""
+    section = ds_config.get("activation_checkpointing")
+    if not section:
+        return
     import deepspeed
 
-    t = spec.train
-    fused = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(
-        param_groups(model, t.weight_decay), lr=lr_at(0, t), betas=(t.beta1, t.beta2), **fused
+    deepspeed.checkpointing.configure(
+        None,
+        partition_activations=section.get("partition_activations", False),
+        contiguous_checkpointing=section.get("contiguous_memory_optimization", False),
+        num_checkpoints=section.get("number_checkpoints"),
+        checkpoint_in_cpu=section.get("cpu_checkpointing", False),
+        synchronize=section.get("synchronize_checkpoint_boundary", False),
+        profile=section.get("profile", False),
     )
+    model.checkpoint_fn = deepspeed.checkpointing.checkpoint
+
+
+def build_engine(model: GPT, spec: RunSpec, ds_config: dict, device: torch.device) -> Any:
+    """Wrap the model in a DeepSpeed engine with the spec's optimizer."""
+    import deepspeed
+
+    use_deepspeed_checkpointing(model, ds_config)
+    optimizer = build_optimizer(model, spec, ds_config, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
 
@@ -154,6 +186,7 @@ def train(spec: RunSpec, ctx: RunContext) -> tuple[GPT, Any]:
     t, env = spec.train, ctx.env
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = GPT(spec.model)
+    flops = model_flops_per_token(model)  # before ZeRO-3 partitions the parameters away
     engine = build_engine(model, spec, ctx.ds_config, ctx.device)
     torch.manual_seed(t.seed + 1000 * env.rank)  # distinct dropout masks per rank
     state = TrainState()
@@ -176,7 +209,7 @@ def train(spec: RunSpec, ctx: RunContext) -> tuple[GPT, Any]:
         device=ctx.device,
         world_size=env.world_size,
         is_main=env.is_main,
-        flops_per_token=model_flops_per_token(model),
+        flops_per_token=flops,
         samples_per_step=global_batch_size(t.micro_batch_size, t.grad_accum_steps, env.world_size),
         started_at=ctx.started_at,
         resume_step=state.step,
@@ -261,6 +294,12 @@ def _loop(
                     flush=True,
                 )
             break
+
+
+def config_flops_per_token(config: GPTConfig) -> int:
+    """FLOPs per token of a model shape, counted on the meta device (no memory, any size)."""
+    with torch.device("meta"):
+        return model_flops_per_token(GPT(config))
 
 
 def model_flops_per_token(model: GPT) -> int:

@@ -5,12 +5,15 @@ Kept free of DeepSpeed and of the launcher so it can be read, tested and reused 
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -31,6 +34,18 @@ class GPTConfig:
     """Dropout on attention weights, residual branches and embeddings (0 for pretraining)."""
     bias: bool = True
     """Biases in Linear and LayerNorm layers, as in GPT-2."""
+    activation_checkpointing: str = "none"
+    """none | full (every block) | every_n (every activation_checkpointing_n-th block): keep only
+    block inputs for backward and recompute the rest, trading compute for memory."""
+    activation_checkpointing_n: int = 2
+    """For every_n: checkpoint blocks 0, n, 2n, ..."""
+
+    def checkpointed(self, layer: int) -> bool:
+        """Whether block `layer` recomputes its activations in backward."""
+        policy = self.activation_checkpointing
+        if policy == "full":
+            return True
+        return policy == "every_n" and layer % self.activation_checkpointing_n == 0
 
 
 class CausalSelfAttention(nn.Module):
@@ -85,9 +100,14 @@ class GPT(nn.Module):
         super().__init__()
         if config.vocab_size is None:
             raise ValueError("GPTConfig.vocab_size must be resolved to an int before building GPT")
+        if config.activation_checkpointing not in ("none", "full", "every_n"):
+            policy = config.activation_checkpointing
+            raise ValueError(f"activation_checkpointing={policy!r}: use none, full or every_n")
         if config.n_embd % config.n_head != 0:
             raise ValueError(f"n_head={config.n_head} must divide n_embd={config.n_embd}")
         self.config = config
+        # Swappable so a launcher can use DeepSpeed's (partitioned, CPU-offloaded) checkpointing.
+        self.checkpoint_fn: Callable = functools.partial(checkpoint, use_reentrant=False)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -132,8 +152,11 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
+        for layer, block in enumerate(self.transformer.h):
+            if self.training and torch.is_grad_enabled() and self.config.checkpointed(layer):
+                x = self.checkpoint_fn(block, x)
+            else:
+                x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
@@ -195,3 +218,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def recompute_fraction(config: GPTConfig) -> float:
+    """Share of the blocks whose forward runs again in backward (for HFU)."""
+    return sum(config.checkpointed(i) for i in range(config.n_layer)) / config.n_layer

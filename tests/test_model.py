@@ -91,3 +91,46 @@ def test_generate_extends_and_is_seeded() -> None:
 def test_too_long_sequence_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="exceeds block_size=16"):
         tiny()(torch.zeros((1, 17), dtype=torch.long))
+
+
+def _saved_bytes_and_grads(model: GPT, idx: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+    """Bytes of tensors autograd keeps for backward, and the gradients."""
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(idx, idx)
+    loss.backward()
+    return saved, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("policy", ["full", "every_n"])
+def test_activation_checkpointing_same_gradients_less_saved_memory(policy: str) -> None:
+    config = GPTConfig(n_layer=6, n_head=4, n_embd=128, block_size=64, vocab_size=96)
+    torch.manual_seed(0)
+    plain = GPT(config)
+    checkpointed = GPT(GPTConfig(**{**config.__dict__, "activation_checkpointing": policy}))
+    checkpointed.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 96, (4, 64), generator=torch.Generator().manual_seed(1))
+    base_bytes, base_grads = _saved_bytes_and_grads(plain, idx)
+    ckpt_bytes, ckpt_grads = _saved_bytes_and_grads(checkpointed, idx)
+    for a, b in zip(base_grads, ckpt_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if policy == "full":
+        assert base_bytes >= 3 * ckpt_bytes, (base_bytes, ckpt_bytes)
+    else:  # every 2nd block: roughly half the block activations kept
+        assert ckpt_bytes < 0.75 * base_bytes
+
+
+def test_recompute_fraction() -> None:
+    from model.gpt import recompute_fraction
+
+    assert recompute_fraction(GPTConfig(n_layer=12, activation_checkpointing="full")) == 1.0
+    every = GPTConfig(n_layer=12, activation_checkpointing="every_n", activation_checkpointing_n=3)
+    assert recompute_fraction(every) == 4 / 12
+    assert recompute_fraction(GPTConfig(n_layer=12)) == 0.0
