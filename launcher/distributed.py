@@ -55,8 +55,11 @@ def device_type() -> str:
 
 
 def bf16_supported(device: str) -> bool:
-    """bf16 is on by `auto` only where it is fast: GPUs with native bf16. On CPU it is off."""
-    return device == "cuda" and torch.cuda.is_bf16_supported()
+    """bf16 is on by `auto` only where it is fast: GPUs with native bf16. On CPU it is off.
+    Checking for a GPU run from a machine without one assumes a current (bf16) GPU."""
+    if device != "cuda":
+        return False
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
 
 
 def select_device(env: DistEnv) -> torch.device:

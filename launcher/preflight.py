@@ -75,6 +75,8 @@ class RunPlan:
     warnings: list[str]
     run_id: str
     """Stable across resumes (stored in every checkpoint): the monitor's run id."""
+    device: str = "cpu"
+    """cuda or cpu: what the run trains on."""
 
     def summary(self) -> str:
         m, t = self.spec.model, self.spec.train
@@ -84,12 +86,25 @@ class RunPlan:
             f"vocab {m.vocab_size} (tokenizer {self.data.vocab_size})",
             self.data.describe(),
             f"engine: ZeRO stage {zero_stage(self.ds_config)}, {self.env.world_size} rank(s) on "
-            f"{device_type()}, bf16 {bool(self.ds_config.get('bf16', {}).get('enabled'))}, "
+            f"{self.device}, bf16 {bool(self.ds_config.get('bf16', {}).get('enabled'))}, "
             f"batch {self.ds_config['train_batch_size']} sequences = "
             f"{tokens_per_step(t, self.env.world_size, m.block_size):,} tokens/step",
+            self._memory_line(),
             f"resume: {self._resume_line()}",
         ]
         return "\n".join(lines)
+
+    def _memory_line(self) -> str:
+        from launcher.memory import GIB, estimate
+
+        est = estimate(self.spec.model, self.ds_config, self.env.world_size)
+        total = est.total(self.spec.model.activation_checkpointing != "none")
+        host = f", host {est.cpu / GIB:.2f}" if est.cpu else ""
+        return (
+            f"memory estimate per device: {total / GIB:.2f} GiB (params {est.params / GIB:.2f}, "
+            f"grads {est.grads / GIB:.2f}, optimizer {est.optimizer / GIB:.2f}{host}; "
+            "python -m launcher check for every stage)"
+        )
 
     def _resume_line(self) -> str:
         if self.resume is None:
@@ -146,29 +161,55 @@ def open_data(spec: RunSpec) -> DataPlan:
     return DataPlan(train, tokenizer, train_samples, val_samples)
 
 
-def prepare_run(spec_path: Path | None, ds_path: Path, overrides: list[str]) -> RunPlan:
-    """Load and cross-check every input; raises UserError naming the problem and its fix."""
-    spec = load_spec(spec_path, overrides)
-    ds_raw = load_ds_config(ds_path)
-    env = detect_env()
-    device = device_type()
-    ds_config = merge_ds_config(
-        ds_raw,
-        spec.train,
-        env.world_size,
-        spec_path=display_path(spec_path or DEFAULT_SPEC),
-        ds_path=str(ds_path),
-        device_type=device,
-        bf16_supported=bf16_supported(device),
+def _attempt(problems: list[str], check):
+    """Run one independent check; a UserError becomes one more listed problem."""
+    try:
+        return check()
+    except UserError as e:
+        problems.append(str(e))
+        return None
+
+
+def prepare_run(
+    spec_path: Path | None,
+    ds_path: Path,
+    overrides: list[str],
+    env: DistEnv | None = None,
+    device: str | None = None,
+) -> RunPlan:
+    """Load and cross-check every input; raises one UserError listing every problem found."""
+    spec = load_spec(spec_path, overrides)  # everything else reads the spec
+    env = env or detect_env()
+    device = device or device_type()
+    problems: list[str] = []
+    ds_config = _attempt(
+        problems,
+        lambda: merge_ds_config(
+            load_ds_config(ds_path),
+            spec.train,
+            env.world_size,
+            spec_path=display_path(spec_path or DEFAULT_SPEC),
+            ds_path=str(ds_path),
+            device_type=device,
+            bf16_supported=bf16_supported(device),
+        ),
     )
-    data = open_data(spec)
-    spec = _resolve_model(spec, data)
-    _check_prompt(spec, data.tokenizer)
-    resume, warnings = _resume(spec, env, ds_config)
+    data = _attempt(problems, lambda: open_data(spec))
+    if data is not None:
+        spec = _attempt(problems, lambda: _resolve_model(spec, data)) or spec
+        _attempt(problems, lambda: _check_prompt(spec, data.tokenizer))
+    resume, warnings = None, []
+    if ds_config is not None and spec.model.vocab_size is not None:
+        resume, warnings = _attempt(problems, lambda: _resume(spec, env, ds_config)) or (None, [])
+    if problems:
+        if len(problems) == 1:
+            raise UserError(problems[0])
+        raise UserError(f"{len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems))
     if resume is not None and resume.universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     run_id = resume.meta.get("run_id") if resume else None
-    return RunPlan(spec, ds_config, env, data, resume, warnings, run_id or secrets.token_hex(6))
+    run_id = run_id or secrets.token_hex(6)
+    return RunPlan(spec, ds_config, env, data, resume, warnings, run_id, device)
 
 
 def _resume(spec: RunSpec, env: DistEnv, ds_config: dict) -> tuple[Resume | None, list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from launcher import checkpoint
 from launcher.config import RunSpec, spec_to_dict
 from launcher.distributed import DistEnv
 from launcher.ds_config import zero_stage
+from launcher.memory import engine_state_bytes, estimate
 from launcher.monitor import StepTimer
 from launcher.preflight import DataPlan, Resume
 from launcher.reporter import Reporter
@@ -226,7 +228,31 @@ def train(spec: RunSpec, ctx: RunContext) -> tuple[GPT, Any]:
         _loop(engine, spec, ctx, state, batches, val_batches, reporter)
     finally:
         reporter.finish()
+    write_memory_report(engine, spec, ctx)
     return model, engine
+
+
+def write_memory_report(engine: Any, spec: RunSpec, ctx: RunContext) -> None:
+    """out_dir/memory.json: what each rank's engine holds, beside the pre-flight estimate."""
+    if not engine.optimizer or not getattr(engine.optimizer, "state", True):
+        return
+    held = engine_state_bytes(engine)
+    per_rank = [None] * ctx.env.world_size
+    dist.all_gather_object(per_rank, held)
+    if ctx.env.is_main:
+        est = estimate(spec.model, ctx.ds_config, ctx.env.world_size)
+        report = {
+            "world_size": ctx.env.world_size,
+            "zero_stage": zero_stage(ctx.ds_config),
+            "measured_bytes_per_rank": per_rank,
+            "estimated_bytes_per_rank": {
+                "params": est.params,
+                "grads": est.grads,
+                "optimizer": est.optimizer,
+                "cpu": est.cpu,
+            },
+        }
+        (spec.run_dir / "memory.json").write_text(json.dumps(report, indent=1))
 
 
 def _batches(spec: RunSpec, ctx: RunContext) -> tuple[Batches, Batches | None]:

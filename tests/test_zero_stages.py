@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,9 @@ TOLERANCE = 2e-4
 
 
 @pytest.fixture(scope="module")
-def curves(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+def stage_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-rank run per shipped config, each in root/<config name>."""
     root = tmp_path_factory.mktemp("stages")
-    out = {}
     runs = {
         "zero0": [],
         "zero1": [],
@@ -48,8 +49,15 @@ def curves(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
             f"ds_configs/{name}.json",
         ]
         run([*cmd, *overrides(*SAME, *extra, f"data.train={tiny_data}", f"out_dir={root / name}")])
-        out[name] = [m for m in read_metrics(root / name) if "Loss/train" in m]
-    return out
+    return root
+
+
+@pytest.fixture(scope="module")
+def curves(stage_runs: Path) -> dict[str, list[dict]]:
+    return {
+        run_dir.name: [m for m in read_metrics(run_dir) if "Loss/train" in m]
+        for run_dir in stage_runs.iterdir()
+    }
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"])
@@ -66,3 +74,46 @@ def test_mfu_counts_the_whole_model_under_zero3(curves: dict) -> None:
     assert median("zero3") > 0.2 * median("zero0")
     assert "Loss/hfu" in curves["zero3_offload"][-1] and "Loss/hfu" not in curves["zero0"][-1]
     assert curves["zero3_offload"][-1]["Loss/hfu"] > curves["zero3_offload"][-1]["Loss/mfu"]
+
+
+@pytest.fixture(scope="module")
+def memory(stage_runs: Path) -> dict[str, dict]:
+    return {d.name: json.loads((d / "memory.json").read_text()) for d in stage_runs.iterdir()}
+
+
+def test_each_stage_shards_what_it_promises(memory: dict) -> None:
+    """Per rank, from the engine's own tensors: optimizer 1/W from stage 1, gradients 1/W from
+    stage 2, parameters 1/W at stage 3 (W = 2)."""
+    full = memory["zero0"]["measured_bytes_per_rank"][0]
+    params_full = full["params"]
+    assert full["grads"] == params_full and full["optimizer"] == 2 * params_full  # Adam m, v
+
+    def share(name: str, part: str) -> float:
+        return memory[name]["measured_bytes_per_rank"][0][part] / params_full
+
+    def close(value: float, expected: float) -> bool:
+        return abs(value - expected) <= 0.05 * expected + 0.01  # 5% plus padding
+
+    # Stages >= 1 keep an fp32 master copy beside Adam's moments: 3 x params, split in W = 2.
+    for name in ("zero1", "zero2", "zero3"):
+        assert close(share(name, "optimizer"), 3 / 2), name
+    assert close(share("zero1", "grads"), 1) and close(share("zero2", "grads"), 1 / 2)
+    assert close(share("zero3", "grads"), 1 / 2)
+    assert close(share("zero2", "params"), 1) and close(share("zero3", "params"), 1 / 2)
+    ranks = memory["zero3"]["measured_bytes_per_rank"]
+    assert ranks[0] == ranks[1]
+
+
+def test_estimate_matches_what_the_engine_holds(memory: dict) -> None:
+    for name, report in memory.items():
+        measured = report["measured_bytes_per_rank"][0]
+        est = report["estimated_bytes_per_rank"]
+        device = {k: est[k] for k in ("params", "grads", "optimizer")}
+        if "offload" in name:  # offloaded states are host memory in the estimate
+            offloaded = ["optimizer"] + (["params"] if name == "zero3_offload" else [])
+            assert all(est[k] == 0 for k in offloaded), name
+            held = sum(measured[k] for k in offloaded)
+            assert abs(est["cpu"] - held) <= 0.1 * held, name
+            device = {k: v for k, v in device.items() if k not in offloaded}
+        for part, value in device.items():
+            assert abs(value - measured[part]) <= 0.1 * measured[part], (name, part)

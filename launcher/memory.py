@@ -1,0 +1,120 @@
+"""Per-device memory: an estimate before launch, and what a live engine really holds.
+
+Model states follow the ZeRO paper (Rajbhandari et al., 2020) for Psi parameters on W ranks:
+parameters and gradients at the training precision (2 bytes in bf16/fp16, 4 in fp32), and the
+optimizer holding an fp32 master copy plus Adam's two moments (12 bytes; 8 in plain fp32 ZeRO-0,
+where the parameters are the master copy). Stage 1 shards the optimizer, stage 2 the gradients
+too, stage 3 the parameters too; offload moves the optimizer (and with stage 3 the parameters)
+to CPU memory. Activations follow Korthikanti et al. (2022): 34 s b h bytes per layer in 16 bits
+(attention scores are not kept: SDPA's fused kernels), only the layer inputs with full
+checkpointing plus one layer being recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from model.gpt import GPT, GPTConfig
+
+GIB = 2**30
+
+
+@dataclass
+class Estimate:
+    """Bytes per device."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    activations_checkpointed: float
+    buffers: float
+    cpu: float
+    """Host memory per rank taken by offloaded states (not in the device total)."""
+
+    def total(self, checkpointing: bool) -> float:
+        acts = self.activations_checkpointed if checkpointing else self.activations
+        return self.params + self.grads + self.optimizer + acts + self.buffers
+
+
+def count_params(config: GPTConfig) -> int:
+    """Parameters of a model shape, counted on the meta device (any size in no time)."""
+    with torch.device("meta"):
+        return GPT(config).num_params()
+
+
+def activation_bytes(config: GPTConfig, micro_batch: int, dtype_bytes: int) -> tuple[float, float]:
+    """(without checkpointing, with full checkpointing) activation bytes for one micro-batch."""
+    s, b, h, layers = config.block_size, micro_batch, config.n_embd, config.n_layer
+    scale = dtype_bytes / 2
+    per_layer = 34 * s * b * h * scale
+    logits = s * b * config.vocab_size * 4 * 2  # fp32 logits and their softmax for the loss
+    full = layers * per_layer + logits
+    checkpointed = layers * s * b * h * dtype_bytes + per_layer + logits
+    return full, checkpointed
+
+
+def estimate(
+    config: GPTConfig, ds_config: dict, world_size: int, stage: int | None = None
+) -> Estimate:
+    """Per-device memory for this model under ZeRO `stage` (default: the config's) at W ranks."""
+    zero = ds_config.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if stage is None else stage
+    half = any(ds_config.get(k, {}).get("enabled") is True for k in ("bf16", "fp16"))
+    p = count_params(config)
+    w = world_size
+    width = 2 if half else 4
+    params = p * width / (w if stage >= 3 else 1)
+    grads = p * width / (w if stage >= 2 else 1)
+    optimizer_bytes = 12 if (half or stage >= 1) else 8
+    optimizer = p * optimizer_bytes / (w if stage >= 1 else 1)
+    cpu = 0.0
+    if zero.get("offload_optimizer", {}).get("device") == "cpu" and stage >= 1:
+        cpu, optimizer = cpu + optimizer, 0.0
+    if zero.get("offload_param", {}).get("device") == "cpu" and stage >= 3:
+        cpu, params = cpu + params, 0.0
+    micro = ds_config.get("train_micro_batch_size_per_gpu", 1)
+    acts, acts_ckpt = activation_bytes(config, micro, width)
+    buffers = 0.0
+    if stage >= 1:
+        buffers += 4 * float(zero.get("reduce_bucket_size", 5e8))
+    if stage >= 3:
+        buffers += width * float(zero.get("stage3_prefetch_bucket_size", 5e7))
+    return Estimate(params, grads, optimizer, acts, acts_ckpt, buffers, cpu)
+
+
+def engine_state_bytes(engine: Any) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state this rank's engine holds, read from
+    its own (partitioned) tensors."""
+    stage = engine.zero_optimization_stage()
+    module_params = list(engine.module.parameters())
+    if stage >= 3:
+        params = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in module_params)
+    else:
+        params = sum(p.numel() * p.element_size() for p in module_params)
+    optimizer = engine.optimizer
+    base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
+    moments = sum(
+        t.numel() * t.element_size()
+        for state in base.state.values()
+        for t in state.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
+    master = _master_partitions(optimizer, stage)
+    master_bytes = sum(t.numel() * t.element_size() for t in master)
+    if stage >= 2:  # gradients live in fp32 partitions shaped like the master copy
+        grads = sum(t.numel() for t in master) * 4
+    else:
+        grads = sum(p.numel() for p in module_params) * module_params[0].element_size()
+    return {"params": params, "grads": grads, "optimizer": moments + master_bytes}
+
+
+def _master_partitions(optimizer: Any, stage: int) -> list[torch.Tensor]:
+    if stage >= 3:
+        return list(optimizer.fp32_partitioned_groups_flat)
+    if stage >= 1:
+        return list(optimizer.single_partition_of_fp32_groups)
+    return []

@@ -1,0 +1,103 @@
+"""`python -m launcher check`: every pre-launch check and a memory estimate, nothing launched."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, overrides, run
+
+from launcher.check import parse_memory
+from launcher.memory import GIB, count_params, estimate
+from model.gpt import GPTConfig
+
+GPT_13B = [
+    "model.n_layer=40",
+    "model.n_head=40",
+    "model.n_embd=5120",
+    "model.block_size=2048",
+    "model.vocab_size=50304",
+    "train.micro_batch_size=4",
+]
+
+
+def check(*args: str, check_rc: bool = True):
+    return run([PYTHON, "-m", "launcher", "check", *args], check=check_rc)
+
+
+def test_a_13b_model_is_checked_in_seconds_on_the_meta_device(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    started = time.perf_counter()
+    result = check(
+        "--ds_config",
+        "ds_configs/zero3.json",
+        "--world-size",
+        "64",
+        "--device",
+        "cuda",
+        "--device-memory",
+        "80GB",
+        *overrides(*GPT_13B, f"data.train={tiny_data}", f"out_dir={tmp_path / 'r'}"),
+    )
+    assert time.perf_counter() - started < 60
+    out = result.stdout
+    assert "parameters: 12,853,626,880" in out and "bf16 True" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line[:1] in "0123"}
+    assert "DOES NOT FIT" in rows["0"] and "fits" in rows["3"] and "<- configured" in rows["3"]
+    assert not (tmp_path / "r").exists()  # nothing written, nothing launched
+
+
+def test_all_problems_are_listed_together(tmp_path: Path) -> None:
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 7}))
+    result = check(
+        "--ds_config",
+        str(ds),
+        "--world-size",
+        "4",
+        *overrides(f"data.train={tmp_path / 'none'}"),
+        check_rc=False,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "2 problems" in result.stderr
+    assert (
+        'ds.json sets "train_batch_size": 7' in result.stderr and "4 data-parallel" in result.stderr
+    )
+    assert "no prepared dataset" in result.stderr
+
+
+def test_device_memory_units() -> None:
+    assert parse_memory("80GB") == 80e9
+    assert parse_memory("141GiB") == 141 * GIB
+    assert parse_memory("80") == 80 * GIB
+    with pytest.raises(Exception, match="expected a size"):
+        parse_memory("lots")
+
+
+def test_estimate_follows_the_zero_paper() -> None:
+    config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
+    psi = count_params(config)
+    bf16 = {"bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 1}
+    zero = lambda stage: {**bf16, "zero_optimization": {"stage": stage}}  # noqa: E731
+    e0, e3 = estimate(config, zero(0), 8), estimate(config, zero(3), 8)
+    assert (e0.params, e0.grads, e0.optimizer) == (2 * psi, 2 * psi, 12 * psi)
+    assert (e3.params, e3.grads, e3.optimizer) == (2 * psi / 8, 2 * psi / 8, 12 * psi / 8)
+    offload = estimate(
+        config,
+        {
+            **bf16,
+            "zero_optimization": {
+                "stage": 3,
+                "offload_optimizer": {"device": "cpu"},
+                "offload_param": {"device": "cpu"},
+            },
+        },
+        8,
+    )
+    assert offload.params == offload.optimizer == 0 and offload.cpu == 14 * psi / 8
+    small_vocab = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=128)
+    acts = estimate(small_vocab, zero(0), 8)  # logits aside, checkpointing keeps ~1/34 per layer
+    assert acts.activations_checkpointed < acts.activations / 3
