@@ -111,10 +111,28 @@ def merge_ds_config(
                 f"{ds_path} (the launcher fills it) or make the two agree"
             )
         config[key] = value
+    problems += _zero_problems(config.get("zero_optimization", {}), ds_path)
     if problems:
         raise DSConfigError("\n".join(problems))
     _resolve_precision(config, device_type, bf16_supported, ds_path)
     return config
+
+
+def _zero_problems(zero: dict, ds_path: str) -> list[str]:
+    problems = []
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        problems.append(f'{ds_path}: "zero_optimization.stage" is {stage!r}; use 0, 1, 2 or 3')
+    for key in ("offload_optimizer", "offload_param"):
+        device = zero.get(key, {}).get("device", "none")
+        if device not in ("none", "cpu", "nvme"):
+            problems.append(
+                f'{ds_path}: "zero_optimization.{key}.device" is {device!r}; '
+                'use "cpu", "nvme" or "none"'
+            )
+    if zero.get("offload_param", {}).get("device", "none") != "none" and stage != 3:
+        problems.append(f'{ds_path}: "offload_param" needs ZeRO stage 3 (this file has {stage!r})')
+    return problems
 
 
 def zero_stage(config: dict) -> int:

@@ -93,3 +93,12 @@ def test_input_config_is_not_mutated() -> None:
     merge(config)
     assert config == {"bf16": {"enabled": "auto"}}
     assert json.dumps(config)
+
+
+def test_zero_section_is_validated() -> None:
+    with pytest.raises(DSConfigError, match='"zero_optimization.stage" is 4; use 0, 1, 2 or 3'):
+        merge({"zero_optimization": {"stage": 4}})
+    with pytest.raises(DSConfigError, match='"offload_param" needs ZeRO stage 3'):
+        merge({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}})
+    with pytest.raises(DSConfigError, match="offload_optimizer.device\" is 'gpu'"):
+        merge({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}})
