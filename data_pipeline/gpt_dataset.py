@@ -107,10 +107,6 @@ class GPTSamples:
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.built_epochs: list[int] = []  # epochs this process built (not loaded from cache)
 
-    @property
-    def tokens_per_epoch(self) -> int:
-        return self.samples_per_epoch * self.seq_len
-
     def epochs_for(self, num_samples: int) -> int:
         return -(-num_samples // self.samples_per_epoch)
 
