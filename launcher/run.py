@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx = RunContext(env, device, plan.ds_config, plan.data, plan.resume, plan.run_id, started)
     if env.is_main:
         print(plan.summary(), flush=True)
-    model, engine = train(spec, ctx)
+    _, engine, final_step = train(spec, ctx)
     if env.is_main:
         print(
-            f"finished at step {spec.train.max_steps} in {time.perf_counter() - started:.1f}s "
+            f"finished at step {final_step} in {time.perf_counter() - started:.1f}s "
             f"({config_flops_per_token(spec.model) / 1e6:.1f} MFLOPs/token); "
             f"checkpoints in {spec.run_dir / 'checkpoints'}",
             flush=True,

@@ -183,8 +183,9 @@ def _checkpoint_meta(spec: RunSpec, state: TrainState, ctx: RunContext, fields: 
     }
 
 
-def train(spec: RunSpec, ctx: RunContext) -> tuple[GPT, Any]:
-    """Train to spec.train.max_steps, evaluating, logging and checkpointing on the way."""
+def train(spec: RunSpec, ctx: RunContext) -> tuple[GPT, Any, int]:
+    """Train to spec.train.max_steps (or an early stop), evaluating, logging and checkpointing;
+    returns the model, the engine and the step reached."""
     t, env = spec.train, ctx.env
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = GPT(spec.model)
@@ -229,7 +230,7 @@ def train(spec: RunSpec, ctx: RunContext) -> tuple[GPT, Any]:
     finally:
         reporter.finish()
     write_memory_report(engine, spec, ctx)
-    return model, engine
+    return model, engine, state.step
 
 
 def write_memory_report(engine: Any, spec: RunSpec, ctx: RunContext) -> None:
