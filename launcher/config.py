@@ -76,6 +76,13 @@ class TrainConfig:
     """Seed for initialisation, data order and sampling."""
     log_interval: int = 10
     """Steps between log lines (and metrics.jsonl records)."""
+    time_limit: int | str | None = None
+    """Wall-time budget of one process: seconds, or Slurm's [D-]HH:MM:SS; the run saves and
+    exits (code 75) before it runs out. Under Slurm the job's own limit applies too."""
+
+    @property
+    def time_limit_s(self) -> float | None:
+        return parse_duration(self.time_limit) if self.time_limit is not None else None
 
 
 @dataclass
@@ -353,6 +360,27 @@ def load_spec(path: Path | None = None, overrides: list[str] | None = None) -> R
 # ------------------------------------------------------------------------------- validation
 
 
+def parse_duration(value: int | str) -> float:
+    """Seconds from an int, '90s', '45m', '2h', or Slurm's 'MM:SS', 'HH:MM:SS', 'D-HH:MM:SS'."""
+    if isinstance(value, int):
+        return float(value)
+    text = value.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1:] in units:
+            return float(text[:-1]) * units[text[-1]]
+        days, _, clock = text.rpartition("-")
+        parts = [float(p) for p in clock.split(":")]
+        if not 1 <= len(parts) <= 3 or (days and len(parts) == 1):
+            raise ValueError(text)
+        seconds = sum(v * 60**i for i, v in enumerate(reversed(parts)))
+        return seconds + (float(days) * 86400 if days else 0.0)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a duration: give seconds, '45m', '2h' or [D-]HH:MM:SS"
+        ) from None
+
+
 def _check_min(problems: list[str], section: Any, prefix: str, minimum: float, *keys: str) -> None:
     for key in keys:
         value = getattr(section, key)
@@ -382,6 +410,12 @@ def validate(spec: RunSpec) -> list[str]:
         problems.append(f"train.lr: must be > 0, got {t.lr}")
     if t.min_lr > t.lr:
         problems.append(f"train.min_lr: {t.min_lr} is above train.lr={t.lr}")
+    if t.time_limit is not None:
+        try:
+            if t.time_limit_s <= 0:
+                problems.append(f"train.time_limit: must be > 0, got {t.time_limit!r}")
+        except ValueError as e:
+            problems.append(f"train.time_limit: {e}")
     for key in ("beta1", "beta2"):
         if not 0.0 <= getattr(t, key) < 1.0:
             problems.append(f"train.{key}: must be in [0, 1), got {getattr(t, key)}")

@@ -1,12 +1,16 @@
-"""Process-group setup that works under `deepspeed`, `torchrun` and plain `python`."""
+"""Process-group setup under `deepspeed`, `torchrun`, `srun`, `mpirun` and plain `python`."""
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
+
+from launcher import slurm
+from launcher.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -17,10 +21,27 @@ class DistEnv:
     local_rank: int
     world_size: int
     local_world_size: int
+    launcher: str = "python"
+    """Who started the ranks: torchrun/deepspeed, slurm, openmpi, pmi, or python (one process)."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+class LaunchEnvError(UserError):
+    """The variables a launcher set do not describe a usable job."""
+
+
+# (launcher, rank, local rank, world size, local world size): checked in this order. MPI first
+# among the rest: `mpirun` inside a Slurm allocation starts its daemons with srun, so the Slurm
+# variables a rank sees then describe the daemons, not the ranks.
+_SOURCES = [
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
+     "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("pmi", "PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE", "MPI_LOCALNRANKS"),
+    ("slurm", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS", None),
+]  # fmt: skip
 
 
 def _free_port() -> int:
@@ -29,24 +50,112 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def detect_env() -> DistEnv:
-    """Read the launcher's variables (torchrun/deepspeed: RANK, LOCAL_RANK, WORLD_SIZE, ...).
+def detect_env(environ: MutableMapping[str, str] | None = None) -> DistEnv:
+    """Where this process sits, from whichever launcher started it.
 
-    With none set this is a single-process run: the defaults are written to the environment so
-    DeepSpeed does not go looking for MPI.
+    torchrun and `deepspeed` set RANK/LOCAL_RANK/WORLD_SIZE; `srun` sets SLURM_PROCID and
+    friends (only inside a job step: a batch script itself is not a rank); OpenMPI's mpirun sets
+    OMPI_COMM_WORLD_*; MPICH/Intel MPI (Hydra) set PMI_RANK/PMI_SIZE. Whatever the source, the
+    torch variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR,
+    MASTER_PORT) are written back so torch.distributed and DeepSpeed read one set. With none
+    set this is a single-process run.
     """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    world_size = int(os.environ["WORLD_SIZE"])
-    local_world = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
-    return DistEnv(
-        rank=int(os.environ["RANK"]),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        world_size=world_size,
-        local_world_size=int(local_world) if local_world else world_size,
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        launcher = "torchrun/deepspeed"
+        local_world = environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE")
+        env = DistEnv(
+            rank=_int(environ, "RANK"),
+            local_rank=_int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0,
+            world_size=_int(environ, "WORLD_SIZE"),
+            local_world_size=int(local_world) if local_world else _int(environ, "WORLD_SIZE"),
+            launcher=launcher,
+        )
+    else:
+        env = _from_other_launcher(environ)
+    _check(env)
+    environ.update(
+        RANK=str(env.rank),
+        LOCAL_RANK=str(env.local_rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_WORLD_SIZE=str(env.local_world_size),
+        LOCAL_SIZE=str(env.local_world_size),  # DeepSpeed's CPU shared-memory all-reduce reads it
     )
+    _set_master(environ, env)
+    return env
+
+
+def _from_other_launcher(environ: Mapping[str, str]) -> DistEnv:
+    for launcher, rank, local_rank, world, local_world in _SOURCES:
+        if rank in environ and world in environ:
+            world_size = _int(environ, world)
+            if local_world is None:  # Slurm: this node's entry of the step's tasks per node
+                local = _slurm_tasks_on_node(environ, world_size)
+            else:
+                local = _int(environ, local_world) if local_world in environ else world_size
+            return DistEnv(
+                rank=_int(environ, rank),
+                local_rank=_int(environ, local_rank) if local_rank in environ else 0,
+                world_size=world_size,
+                local_world_size=local,
+                launcher=launcher,
+            )
+    return DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1)
+
+
+def _int(environ: Mapping[str, str], key: str) -> int:
+    try:
+        return int(environ[key])
+    except ValueError:
+        raise LaunchEnvError(f"{key}={environ[key]!r} is not an integer") from None
+
+
+def _check(env: DistEnv) -> None:
+    if not (0 <= env.rank < env.world_size and 0 <= env.local_rank < env.local_world_size):
+        raise LaunchEnvError(
+            f"the {env.launcher} variables say rank {env.rank} (local {env.local_rank}) of "
+            f"{env.world_size} ({env.local_world_size} on this node), which cannot be; "
+            "check the variables your launcher sets (env | grep -E 'RANK|SIZE|SLURM_')"
+        )
+
+
+def _slurm_tasks_on_node(environ: Mapping[str, str], world_size: int) -> int:
+    """SLURM_STEP_TASKS_PER_NODE is like '2(x3),1': expand it and take this node's entry."""
+    spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    if not spec:
+        return world_size
+    counts: list[int] = []
+    for part in spec.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    node = int(environ.get("SLURM_NODEID", "0"))
+    return counts[node] if node < len(counts) else counts[-1]
+
+
+def _set_master(environ: MutableMapping[str, str], env: DistEnv) -> None:
+    """MASTER_ADDR/MASTER_PORT: kept when set; otherwise derived where every rank agrees."""
+    if env.world_size == 1:
+        environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        environ.setdefault("MASTER_PORT", str(_free_port()))
+        return
+    if env.launcher == "slurm":
+        if "MASTER_ADDR" not in environ:
+            nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
+            environ["MASTER_ADDR"] = slurm.first_node_address(nodes)
+        # Every rank derives the same port from the job and step ids (the batch template picks
+        # a free one and exports it instead).
+        job, step = (int(environ.get(k, "0") or 0) for k in ("SLURM_JOB_ID", "SLURM_STEP_ID"))
+        environ.setdefault("MASTER_PORT", str(20000 + (job * 16 + step) % 20000))
+        return
+    if env.local_world_size == env.world_size:  # all ranks on this machine
+        environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in environ]
+    if missing:
+        raise LaunchEnvError(
+            f"started by {env.launcher} with {env.world_size} ranks but {' and '.join(missing)} "
+            "is not set: export the address of rank 0's node and a free port on it to every "
+            "rank (OpenMPI: mpirun -x MASTER_ADDR=node0 -x MASTER_PORT=29500 ...)"
+        )
 
 
 def device_type() -> str:

@@ -7,6 +7,9 @@ import sys
 from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
+EXIT_REQUEUE = 75
+"""Stopped early on a signal or a time limit, checkpoint saved: run again to continue
+(EX_TEMPFAIL; slurm/train.sbatch requeues the job on it)."""
 
 
 class UserError(Exception):
@@ -18,9 +21,17 @@ def run_cli(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def _rank() -> int:
+    """This process's rank from whichever launcher started it (before any is parsed)."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0

@@ -86,13 +86,19 @@ class RunPlan:
             f"vocab {m.vocab_size} (tokenizer {self.data.vocab_size})",
             self.data.describe(),
             f"engine: ZeRO stage {zero_stage(self.ds_config)}, {self.env.world_size} rank(s) on "
-            f"{self.device}, bf16 {bool(self.ds_config.get('bf16', {}).get('enabled'))}, "
+            f"{self.device} ({self._ranks_line()}), "
+            f"bf16 {bool(self.ds_config.get('bf16', {}).get('enabled'))}, "
             f"batch {self.ds_config['train_batch_size']} sequences = "
             f"{tokens_per_step(t, self.env.world_size, m.block_size):,} tokens/step",
             self._memory_line(),
             f"resume: {self._resume_line()}",
         ]
         return "\n".join(lines)
+
+    def _ranks_line(self) -> str:
+        env = self.env
+        nodes = -(-env.world_size // env.local_world_size)
+        return f"{env.local_world_size} per node, {nodes} node(s), started by {env.launcher}"
 
     def _memory_line(self) -> str:
         from launcher.memory import GIB, estimate

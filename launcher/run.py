@@ -6,8 +6,12 @@
     torchrun --nproc_per_node 2 launcher/run.py --ds_config ds_configs/zero2.json
     python launcher/run.py --ds_config ds_configs/zero2.json          # one process
 
+    srun python launcher/run.py --ds_config ds_configs/zero2.json   # or: sbatch slurm/train.sbatch
+
 Everything is checked before any process group starts or any file is written: a bad spec,
 DeepSpeed config, dataset or checkpoint stops the run with exit code 2 and one clear message.
+SIGUSR1 or SIGTERM (or train.time_limit running out) makes every rank save at the next step
+boundary and exit with code 75; running the same command again resumes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import os  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
-from launcher.errors import run_cli  # noqa: E402
+from launcher.errors import EXIT_REQUEUE, run_cli  # noqa: E402
 
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
 
@@ -67,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     started = _process_start()
     args = parse_args(argv)
+    from launcher.stopping import install_signal_handlers
+
+    install_signal_handlers()  # USR1/TERM from here on: save at the next step boundary, exit 75
     # DeepSpeed's ZeRO calls a torch collective that torch marks deprecated, once per step.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
     from launcher.preflight import prepare_run
@@ -94,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     ctx = RunContext(env, device, plan.ds_config, plan.data, plan.resume, plan.run_id, started)
     if env.is_main:
         print(plan.summary(), flush=True)
-    _, engine, final_step = train(spec, ctx)
+    _, engine, state = train(spec, ctx)
+    if state.stopped is not None:
+        return _exit(EXIT_REQUEUE)
     if env.is_main:
         print(
-            f"finished at step {final_step} in {time.perf_counter() - started:.1f}s "
+            f"finished at step {state.step} in {time.perf_counter() - started:.1f}s "
             f"({config_flops_per_token(spec.model) / 1e6:.1f} MFLOPs/token); "
             f"checkpoints in {spec.run_dir / 'checkpoints'}",
             flush=True,
@@ -109,14 +118,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         if env.is_main:
             print(f"\n--- sample ---\n{text}\n--------------", flush=True)
+    return _exit(0)
+
+
+def _exit(code: int) -> int:
+    """Leave together, once everything is saved, flushed and closed.
+
+    Skips interpreter teardown: on CPU, C++ helper threads of the communication backends can
+    abort a finished rank there ("terminate called without an active exception", seen once in
+    CI), turning a good run into a failed one.
+    """
+    import torch
+
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    # Everything is saved, flushed and closed. Skip interpreter teardown: on CPU, C++ helper
-    # threads of the communication backends can abort a finished rank there ("terminate called
-    # without an active exception", seen once in CI), turning a good run into a failed one.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def _process_start() -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,11 +16,13 @@ from launcher import checkpoint
 from launcher.config import RunSpec, spec_to_dict
 from launcher.distributed import DistEnv
 from launcher.ds_config import zero_stage
+from launcher.errors import EXIT_REQUEUE
 from launcher.memory import engine_state_bytes, estimate
 from launcher.monitor import StepTimer
 from launcher.preflight import DataPlan, Resume
 from launcher.reporter import Reporter
 from launcher.schedule import global_batch_size, lr_at, rank_sample_indices
+from launcher.stopping import Stopper
 from model.gpt import GPT, GPTConfig, flops_per_token, param_groups
 
 
@@ -30,6 +34,8 @@ class TrainState:
     """Optimizer steps completed."""
     consumed_samples: int = 0
     """Global training samples read so far: the data position."""
+    stopped: str | None = None
+    """Why the run stopped before max_steps on a signal or time limit (None: it did not)."""
 
 
 @dataclass
@@ -183,9 +189,9 @@ def _checkpoint_meta(spec: RunSpec, state: TrainState, ctx: RunContext, fields: 
     }
 
 
-def train(spec: RunSpec, ctx: RunContext) -> tuple[GPT, Any, int]:
-    """Train to spec.train.max_steps (or an early stop), evaluating, logging and checkpointing;
-    returns the model, the engine and the step reached."""
+def train(spec: RunSpec, ctx: RunContext) -> tuple[GPT, Any, TrainState]:
+    """Train to spec.train.max_steps (or an early stop, a signal, a time limit), evaluating,
+    logging and checkpointing; returns the model, the engine and where training ended."""
     t, env = spec.train, ctx.env
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = GPT(spec.model)
@@ -225,12 +231,26 @@ def train(spec: RunSpec, ctx: RunContext) -> tuple[GPT, Any, int]:
             f"MFU against {reporter.peak / 1e12:,.3f} TFLOP/s per device: {reporter.peak_source}",
             flush=True,
         )
+    stopper = _stopper(spec, ctx)
     try:
-        _loop(engine, spec, ctx, state, batches, val_batches, reporter)
+        _loop(engine, spec, ctx, state, batches, val_batches, reporter, stopper)
     finally:
         reporter.finish()
     write_memory_report(engine, spec, ctx)
-    return model, engine, state.step
+    return model, engine, state
+
+
+def _stopper(spec: RunSpec, ctx: RunContext) -> Stopper:
+    est = estimate(spec.model, ctx.ds_config, ctx.env.world_size)
+    return Stopper(
+        device=ctx.device,
+        is_main=ctx.env.is_main,
+        time_limit_s=spec.train.time_limit_s,
+        started_wall=time.time() - (time.perf_counter() - ctx.started_at),
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+        checkpoint_bytes=est.params + est.optimizer,
+        stop_file=os.environ.get("ZEROLAUNCH_STOP_FILE"),
+    )
 
 
 def write_memory_report(engine: Any, spec: RunSpec, ctx: RunContext) -> None:
@@ -278,10 +298,24 @@ def _loop(
     batches: Batches,
     val_batches: Batches | None,
     reporter: Reporter,
+    stopper: Stopper,
 ) -> None:
     t = spec.train
     samples_per_step = global_batch_size(t.micro_batch_size, t.grad_accum_steps, ctx.env.world_size)
+    saved_step = state.step  # the resumed checkpoint (or nothing to save yet at step 0)
     while state.step < t.max_steps:
+        reason = stopper.poll()  # every rank, every step boundary: the same answer everywhere
+        if reason is not None:
+            if state.step > saved_step:
+                _save(engine, spec, ctx, state, reporter, stopper)
+            state.stopped = reason
+            if ctx.env.is_main:
+                print(
+                    f"stopping at step {state.step} of {t.max_steps}: {reason}; checkpoint "
+                    f"saved; the same command resumes from it (exit code {EXIT_REQUEUE})",
+                    flush=True,
+                )
+            return
         set_lr(engine, lr_at(state.step, t))
         marks = reporter.step_started()
         loss, last_micro = train_step(
@@ -301,19 +335,10 @@ def _loop(
             record |= reporter.val_record(state.step, val)
         reporter.write(state.step, record)
         stop = spec.eval.early_stop and reporter.detector.fired_at == state.step
-        if (
-            (spec.checkpoint.interval and state.step % spec.checkpoint.interval == 0)
-            or last
-            or stop
-        ):
-            client = {
-                "step": state.step,
-                "consumed_samples": state.consumed_samples,
-                "run_id": ctx.run_id,
-                "spec": spec_to_dict(spec),
-            }
-            meta = _checkpoint_meta(spec, state, ctx, reporter.checkpoint_fields())
-            checkpoint.save(engine, spec.run_dir, meta, client, spec.checkpoint.keep_last)
+        interval = spec.checkpoint.interval
+        if (interval and state.step % interval == 0) or last or stop:
+            _save(engine, spec, ctx, state, reporter, stopper)
+            saved_step = state.step
         if stop:
             if ctx.env.is_main:
                 print(
@@ -321,6 +346,26 @@ def _loop(
                     flush=True,
                 )
             break
+
+
+def _save(
+    engine: Any,
+    spec: RunSpec,
+    ctx: RunContext,
+    state: TrainState,
+    reporter: Reporter,
+    stopper: Stopper,
+) -> None:
+    started = time.perf_counter()
+    client = {
+        "step": state.step,
+        "consumed_samples": state.consumed_samples,
+        "run_id": ctx.run_id,
+        "spec": spec_to_dict(spec),
+    }
+    meta = _checkpoint_meta(spec, state, ctx, reporter.checkpoint_fields())
+    checkpoint.save(engine, spec.run_dir, meta, client, spec.checkpoint.keep_last)
+    stopper.saved(time.perf_counter() - started)
 
 
 def config_flops_per_token(config: GPTConfig) -> int:

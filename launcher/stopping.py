@@ -1,0 +1,124 @@
+"""Stopping early and cleanly: on a signal, a stop file, or before a time limit runs out.
+
+Slurm warns a job before its time limit (`#SBATCH --signal=B:USR1@120`) or before preemption
+(SIGTERM), a user may ask a run to stop (`kill -USR1`), and a spec may give the run a wall-time
+budget (`train.time_limit`). A signal reaches ranks at different moments, or only some of them;
+acting on it mid-step would leave the others waiting in a collective. So a handler only records
+it, and at every step boundary all ranks all-reduce what they know: they stop together, at the
+same step, save one checkpoint together, and exit with EXIT_REQUEUE (75).
+
+The time limit is the earlier of `train.time_limit` after the process started and the end of the
+Slurm job (its EndTime, read with scontrol). The run stops at the last step boundary from which
+one more step and a checkpoint are still predicted to fit, from the slowest step and the slowest
+save seen so far in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from launcher import slurm
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SLURM_RECHECK_S = 300.0
+"""How often rank 0 re-reads the Slurm job's end time (an admin may extend it)."""
+SAVE_BYTES_PER_S = 200e6
+"""Before a save has been timed: assume this rate (a slow shared filesystem) plus 5 s."""
+
+_received: list[int] = []
+
+
+def _record(signum: int, frame: object) -> None:
+    _received.append(signum)
+
+
+def install_signal_handlers() -> None:
+    """From now on USR1 and TERM ask for a save-and-stop instead of killing the process."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _record)
+
+
+def received_signal() -> int:
+    """The last stop signal this process received (0 if none)."""
+    return _received[-1] if _received else 0
+
+
+class Stopper:
+    """Asked at every step boundary, gives the same answer on every rank: stop now, and why."""
+
+    def __init__(
+        self,
+        *,
+        device: torch.device,
+        is_main: bool,
+        time_limit_s: float | None,
+        started_wall: float,
+        slurm_job_id: str | None,
+        checkpoint_bytes: int,
+        stop_file: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.device = device
+        self.is_main = is_main
+        self.clock = clock
+        self.own_deadline = started_wall + time_limit_s if time_limit_s else None
+        self.slurm_job_id = slurm_job_id if is_main else None
+        self.slurm_end: float | None = None
+        self.slurm_checked = -float("inf")
+        self.stop_file = Path(stop_file) if stop_file and is_main else None
+        self.stop_note = ""
+        self.slowest_step = 0.0
+        self.slowest_save = 5.0 + checkpoint_bytes / SAVE_BYTES_PER_S
+        self.save_timed = False
+        self.last_boundary = clock()
+
+    def saved(self, seconds: float) -> None:
+        """A checkpoint save took this long (the first real timing replaces the guess)."""
+        self.slowest_save = seconds if not self.save_timed else max(self.slowest_save, seconds)
+        self.save_timed = True
+
+    def poll(self) -> str | None:
+        """Called by every rank at every step boundary; the reason to stop, or None."""
+        now = self.clock()
+        self.slowest_step = max(self.slowest_step, now - self.last_boundary)
+        self.last_boundary = now
+        local = [float(received_signal()), float(self._deadline_near(now)), float(self._file())]
+        flags = torch.tensor(local, dtype=torch.float32, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, deadline, requested = (int(v) for v in flags.tolist())
+        if signum:
+            return f"received {signal.Signals(signum).name}"
+        if deadline:
+            return "the time limit is near"
+        if requested:
+            return f"stop requested ({self.stop_note or 'ZEROLAUNCH_STOP_FILE exists'})"
+        return None
+
+    def deadline(self, now: float) -> float | None:
+        if self.slurm_job_id and now - self.slurm_checked > SLURM_RECHECK_S:
+            self.slurm_end, self.slurm_checked = slurm.job_end_time(self.slurm_job_id), now
+        limits = [d for d in (self.own_deadline, self.slurm_end) if d is not None]
+        return min(limits) if limits else None
+
+    def _deadline_near(self, now: float) -> bool:
+        deadline = self.deadline(now)
+        if deadline is None:
+            return False
+        # One more step, then a save, with room for both to run slower than the slowest yet.
+        return now + 1.5 * (self.slowest_step + self.slowest_save) >= deadline
+
+    def _file(self) -> bool:
+        if self.stop_file is None or not self.stop_file.exists():
+            return False
+        # What the requester wrote there, e.g. slurm/launch.sh: "SIGUSR1 to the batch shell".
+        with contextlib.suppress(OSError):
+            self.stop_note = self.stop_file.read_text().strip()[:200]
+        return True
