@@ -44,6 +44,10 @@ _SOURCES = [
 ]  # fmt: skip
 
 
+DEFAULT_PORT = 29500
+"""torch's and DeepSpeed's default rendezvous port: the one every rank can guess."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -149,6 +153,7 @@ def _set_master(environ: MutableMapping[str, str], env: DistEnv) -> None:
         return
     if env.local_world_size == env.world_size:  # all ranks on this machine
         environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        environ.setdefault("MASTER_PORT", str(DEFAULT_PORT))
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in environ]
     if missing:
         raise LaunchEnvError(
@@ -188,3 +193,18 @@ def init_process_group() -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
+
+
+def rank_map(env: DistEnv, device: torch.device) -> list[dict]:
+    """Where every rank runs (all ranks call this; the list is the same everywhere)."""
+    mine = {
+        "rank": env.rank,
+        "local_rank": env.local_rank,
+        "host": socket.gethostname(),
+        "slurm_node": os.environ.get("SLURMD_NODENAME"),
+        "device": str(device),
+        "pid": os.getpid(),
+    }
+    everyone: list[dict] = [{}] * env.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    return everyone

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from launcher.checkpoint import convert_to_universal
-    from launcher.distributed import init_process_group, select_device
+    from launcher.distributed import init_process_group, rank_map, select_device
     from launcher.sample import generate_text
     from launcher.train import RunContext, config_flops_per_token, train
 
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         _write_run_files(plan)
     init_process_group()
+    ranks = rank_map(env, device)
+    if env.is_main:  # where each rank runs: out_dir/ranks.json
+        (spec.run_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
     if plan.resume is not None and plan.resume.universal:
         if env.is_main:  # once, cached beside the tag; the other ranks wait at the barrier
             convert_to_universal(plan.resume.tag_dir)

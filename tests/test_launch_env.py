@@ -1,0 +1,185 @@
+"""One launcher/run.py under any launcher, and stopping early cleanly (signals, time limits)."""
+
+from __future__ import annotations
+
+import re
+import signal
+
+import pytest
+import torch
+from conftest import PYTHON, TINY, overrides, read_metrics, run
+
+from launcher import slurm, stopping
+from launcher.config import parse_duration
+from launcher.distributed import DistEnv, LaunchEnvError, detect_env
+from launcher.errors import EXIT_REQUEUE
+
+
+def test_torchrun_and_deepspeed_variables_win() -> None:
+    environ = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2"}
+    environ |= {"MASTER_ADDR": "node0", "MASTER_PORT": "29500", "SLURM_PROCID": "0"}
+    assert detect_env(environ) == DistEnv(3, 1, 8, 2, "torchrun/deepspeed")
+    assert environ["LOCAL_SIZE"] == "2"  # what DeepSpeed's CPU shared-memory all-reduce reads
+
+
+SRUN_TASK = {
+    "SLURM_PROCID": "5",
+    "SLURM_LOCALID": "1",
+    "SLURM_STEP_NUM_TASKS": "7",
+    "SLURM_STEP_TASKS_PER_NODE": "2(x3),1",
+    "SLURM_NODEID": "2",
+    "SLURM_JOB_ID": "1234",
+    "SLURM_STEP_ID": "0",
+    "MASTER_ADDR": "10.0.0.1",
+}
+
+
+def test_srun_tasks_are_ranks_and_the_batch_shell_is_not() -> None:
+    task = dict(SRUN_TASK)
+    env = detect_env(task)
+    assert env == DistEnv(5, 1, 7, 2, "slurm")
+    assert (task["RANK"], task["WORLD_SIZE"], task["LOCAL_RANK"]) == ("5", "7", "1")
+    assert task["MASTER_ADDR"] == "10.0.0.1"
+    # Every rank derives the same port from the job; an exported one is kept.
+    rank0 = dict(SRUN_TASK, SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0")
+    assert detect_env_port(rank0) == task["MASTER_PORT"]
+    assert detect_env_port(dict(SRUN_TASK, MASTER_PORT="31337")) == "31337"
+    last_node = dict(SRUN_TASK, SLURM_PROCID="6", SLURM_LOCALID="0", SLURM_NODEID="3")
+    assert detect_env(last_node).local_world_size == 1
+    # A batch script has SLURM_PROCID=0 and SLURM_NTASKS but no step: one process, not rank 0
+    # of a job that would wait forever for the others.
+    batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1234"}
+    assert detect_env(batch) == DistEnv(0, 0, 1, 1, "python")
+
+
+def detect_env_port(environ: dict) -> str:
+    detect_env(environ)
+    return environ["MASTER_PORT"]
+
+
+def test_openmpi_and_pmi_variables() -> None:
+    ompi = {
+        "OMPI_COMM_WORLD_RANK": "2",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+        "OMPI_COMM_WORLD_SIZE": "4",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+        "MASTER_ADDR": "node0",
+        "MASTER_PORT": "29500",
+        # mpirun inside an allocation: these describe its daemons, not the ranks
+        "SLURM_PROCID": "1",
+        "SLURM_STEP_NUM_TASKS": "2",
+    }
+    assert detect_env(ompi) == DistEnv(2, 0, 4, 2, "openmpi")
+    hydra = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}
+    assert detect_env(hydra) == DistEnv(1, 1, 2, 2, "pmi")
+    assert hydra["MASTER_ADDR"] == "127.0.0.1"  # all ranks on this machine
+
+
+def test_launch_variables_that_cannot_work_are_user_errors() -> None:
+    across_nodes = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4"}
+    across_nodes["OMPI_COMM_WORLD_LOCAL_SIZE"] = "2"
+    with pytest.raises(LaunchEnvError, match="MASTER_ADDR and MASTER_PORT is not set"):
+        detect_env(across_nodes)
+    with pytest.raises(LaunchEnvError, match="rank 4 .* of 4"):
+        detect_env({"RANK": "4", "WORLD_SIZE": "4", "MASTER_ADDR": "a", "MASTER_PORT": "1"})
+    with pytest.raises(LaunchEnvError, match="PMI_SIZE='two' is not an integer"):
+        detect_env({"PMI_RANK": "0", "PMI_SIZE": "two"})
+
+
+def test_scontrol_output_parsing() -> None:
+    node = "NodeName=gpu003 Arch=x86_64 CoresPerSocket=32 NodeAddr=10.1.2.3 NodeHostName=gpu003"
+    assert slurm.node_address(node, "gpu003") == "10.1.2.3"
+    assert slurm.node_address("NodeName=x", "x") == "x"
+    job = "JobId=7 JobState=RUNNING TimeLimit=01:00:00 StartTime=2026-01-01T10:00:00 "
+    end = slurm.parse_end_time(job + "EndTime=2026-01-01T11:00:00 Deadline=N/A")
+    start = slurm.parse_end_time(job.replace("StartTime", "EndTime"))
+    assert end is not None and start is not None and end - start == 3600
+    assert slurm.parse_end_time("TimeLimit=UNLIMITED EndTime=2027-01-01T00:00:00") is None
+    assert slurm.parse_end_time("JobState=PENDING EndTime=Unknown") is None
+
+
+def test_durations() -> None:
+    assert [parse_duration(v) for v in (90, "90s", "45m", "2h", "1:30", "02:00:00")] == [
+        90,
+        90,
+        2700,
+        7200,
+        90,
+        7200,
+    ]
+    assert parse_duration("1-12:00:00") == 36 * 3600
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("tomorrow")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_limit_stops_while_one_more_step_and_a_save_still_fit() -> None:
+    clock = Clock()
+    stopper = stopping.Stopper(
+        device=torch.device("cpu"),
+        is_main=True,
+        time_limit_s=100.0,
+        started_wall=1000.0,
+        slurm_job_id=None,
+        checkpoint_bytes=0,
+        clock=clock,
+    )
+    stopper.saved(4.0)  # a timed save replaces the guess
+    decisions = []
+    while clock.now < 1100:
+        clock.now += 5.0  # each step takes 5 s
+        decisions.append((clock.now, stopper.poll()))
+        if decisions[-1][1]:
+            break
+    at, reason = decisions[-1]
+    assert reason == "the time limit is near"
+    # 1.5 x (5 s step + 4 s save) = 13.5 s of room needed: stop at 1090 (10 s left), not at 1085.
+    assert at == 1090.0
+    assert all(r is None for _, r in decisions[:-1])
+
+
+def test_a_signal_asks_for_a_stop_instead_of_killing(monkeypatch) -> None:
+    monkeypatch.setattr(stopping, "_received", [])
+    previous = {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS}
+    try:
+        stopping.install_signal_handlers()
+        stopper = stopping.Stopper(
+            device=torch.device("cpu"),
+            is_main=True,
+            time_limit_s=None,
+            started_wall=0.0,
+            slurm_job_id=None,
+            checkpoint_bytes=0,
+        )
+        assert stopper.poll() is None
+        signal.raise_signal(signal.SIGUSR1)
+        assert stopper.poll() == "received SIGUSR1"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.integration
+def test_time_limit_saves_exits_75_and_the_same_command_finishes(tiny_data, tmp_path) -> None:
+    out = tmp_path / "run"
+    items = [*TINY, f"data.train={tiny_data}", f"out_dir={out}", "train.log_interval=1"]
+    items += ["train.max_steps=100000", "checkpoint.interval=0", "sample.max_new_tokens=0"]
+    cmd = [PYTHON, "launcher/run.py", "--ds_config", "ds_configs/zero1.json"]
+    first = run([*cmd, *overrides(*items, "train.time_limit=25")], check=False)
+    assert first.returncode == EXIT_REQUEUE, first.stdout + first.stderr
+    stopped = re.search(r"stopping at step (\d+) of 100000: the time limit is near", first.stdout)
+    assert stopped, first.stdout
+    step = int(stopped.group(1))
+    assert step > 10
+    assert (out / "checkpoints" / "latest").read_text() == f"global_step{step}"
+    second = run([*cmd, *overrides(*items, f"train.max_steps={step + 5}")])
+    assert f"resumed from {out / 'checkpoints' / f'global_step{step}'}" in second.stdout
+    steps = [m["step"] for m in read_metrics(out) if "Loss/train" in m]
+    assert steps == list(range(1, step + 6))
