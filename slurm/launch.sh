@@ -142,7 +142,8 @@ main() {
       log "saved early${got_signal:+ on SIG$got_signal}; REQUEUE=${REQUEUE}: not requeueing. Resubmit the same command to continue."
     elif [ "$restarts" -ge "${MAX_REQUEUES:-100}" ]; then
       log "saved early; the job was already requeued $restarts times (MAX_REQUEUES): not again"
-    elif scontrol requeue "$SLURM_JOB_ID"; then
+    elif trap '' TERM USR1 && scontrol requeue "$SLURM_JOB_ID"; then
+      # (Slurm TERMs this shell as the requeue takes effect: nothing is left to save.)
       log "saved early${got_signal:+ on SIG$got_signal}; requeued job $SLURM_JOB_ID: it resumes from the checkpoint"
       exit 0
     else
