@@ -9,7 +9,7 @@ PY         := $(VENV)/bin/python
 NPROC      ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)")
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install data demo test bench-data lint format clean
+.PHONY: install data demo test bench bench-data lint format clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,18 @@ demo: data
 
 test: install lint
 	$(PY) -m pytest
+
+# The CPU rows of BENCHMARKS.md: the training step against plain PyTorch (1 rank, ZeRO-0), then
+# 2 ranks with ZeRO-2 on the same cores. JSON in $(BENCH_OUT); about 4 minutes on 2 cores.
+BENCH_OUT   ?= runs/bench
+BENCH_MODEL := --set model.n_layer=6 --set model.n_head=6 --set model.n_embd=384 \
+	--set model.block_size=256 --set model.vocab_size=65 --set model.dropout=0.0 \
+	--set train.micro_batch_size=8
+bench: install
+	$(PY) -m launcher.bench --ds_config ds_configs/zero0.json $(BENCH_MODEL) --reference \
+		--steps 60 --out $(BENCH_OUT)/cpu_1rank_zero0.json
+	deepspeed --num_gpus 2 launcher/bench.py --ds_config ds_configs/zero2.json $(BENCH_MODEL) \
+		--steps 30 --out $(BENCH_OUT)/cpu_2rank_zero2.json
 
 # Data pipeline throughput (prints JSON): prepare vs the raw tokenizer, and the loader.
 bench-data: install

@@ -9,7 +9,9 @@ DeepSpeed JSON, fed random tokens so that no dataset is needed. Every step is ti
 device synchronisations; the figures are the median (and 90th percentile) after the warm-up.
 `--reference` also times a plain-PyTorch step of the same model (torch AdamW, fused on GPUs,
 the same clip, accumulation and precision, no DeepSpeed) in the same process, so the engine's
-overhead is measured on the same machine at the same moment. Prints one JSON object.
+overhead is measured on the same machine at the same moment: the two alternate step by step,
+and `vs_reference` is the median over pairs of (reference step time / engine step time).
+Peak memory is the process's (both models when --reference). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class SyntheticBatches:
 
     batches: list[tuple[Any, Any]]
     accum: int
+    device: Any
 
     @classmethod
     def make(cls, vocab: int, micro: int, block: int, accum: int, device: Any, seed: int):
@@ -93,26 +96,33 @@ class SyntheticBatches:
             tokens = torch.randint(0, vocab, (micro, block + 1), generator=gen)
             x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
             batches.append((x.to(device), y.to(device)))
-        return cls(batches, accum)
+        return cls(batches, accum, device)
 
     def train(self, step: int, micro_step: int) -> tuple[Any, Any]:
         return self.batches[(step * self.accum + micro_step) % len(self.batches)]
 
 
-def timed(step: Callable[[int], None], steps: int, warmup: int, device: Any) -> list[float]:
-    """Seconds per step after `warmup` untimed steps, each between two synchronisations."""
+def timed(steps: list[Callable[[int], None]], n: int, warmup: int, device: Any) -> list[list]:
+    """Seconds per step of each step function, after `warmup` untimed steps of each.
+
+    With several functions the steps alternate (a, b, a, b, ...), so a machine that slows down
+    or speeds up during the benchmark (turbo, a noisy neighbour) weighs on all of them alike.
+    Every timed step lies between two device synchronisations.
+    """
     import torch
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i in range(warmup):
-        step(i)
-    times = []
-    for i in range(warmup, warmup + steps):
-        sync()
-        start = time.perf_counter()
-        step(i)
-        sync()
-        times.append(time.perf_counter() - start)
+        for step in steps:
+            step(i)
+    times: list[list[float]] = [[] for _ in steps]
+    for i in range(warmup, warmup + n):
+        for step, out in zip(steps, times):
+            sync()
+            start = time.perf_counter()
+            step(i)
+            sync()
+            out.append(time.perf_counter() - start)
     return times
 
 
@@ -232,23 +242,27 @@ def run_benchmark(spec: Any, ds_config: dict, env: Any, args: argparse.Namespace
         m.vocab_size, t.micro_batch_size, m.block_size, t.grad_accum_steps, device, t.seed
     )
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * m.block_size  # per device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     engine = build_engine(model, spec, ds_config, device)
     timer = StepTimer(device, detailed=False)
-    times = timed(
-        lambda i: train_step(engine, batches, i, t.grad_accum_steps, timer, []),
-        args.steps,
-        args.warmup,
-        device,
-    )
-    timer.steps.clear()
-    result = summarise(times, tokens_per_step, flops, peak)
+
+    def engine_step(i: int) -> None:
+        train_step(engine, batches, i, t.grad_accum_steps, timer, [])
+        timer.steps.clear()
+
+    steps = [engine_step]
+    if args.reference:  # same initial weights, its own optimizer state
+        torch.manual_seed(t.seed)
+        steps.append(reference_step(GPT(m).to(device), spec, batches, bf16))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = timed(steps, args.steps, args.warmup, device)
+    measured = summarise(times[0], tokens_per_step, flops, peak)
     recompute = recompute_fraction(m)
+    per_device = measured["tokens_per_sec_per_device"]
     result = {
-        "tokens_per_sec": result["tokens_per_sec_per_device"] * env.world_size,
-        **result,
-        "hfu": mfu.hfu(flops, flops / 3 * recompute, result["tokens_per_sec_per_device"], peak),
+        "tokens_per_sec": per_device * env.world_size,
+        **measured,
+        "hfu": mfu.hfu(flops, flops / 3 * recompute, per_device, peak),
         "peak_memory_gib": peak_memory_gib(device),
         "params": params,
         "flops_per_token": flops,
@@ -259,7 +273,8 @@ def run_benchmark(spec: Any, ds_config: dict, env: Any, args: argparse.Namespace
         "zero_stage": zero_stage(ds_config),
         "bf16": bf16,
         "model": {
-            k: getattr(m, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+            k: getattr(m, k)
+            for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
         },
         "activation_checkpointing": m.activation_checkpointing,
         "micro_batch_size": t.micro_batch_size,
@@ -271,20 +286,11 @@ def run_benchmark(spec: Any, ds_config: dict, env: Any, args: argparse.Namespace
         "deepspeed": _deepspeed_version(),
     }
     if args.reference:
-        del engine
-        torch.manual_seed(t.seed)
-        plain = GPT(m).to(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        ref_times = timed(
-            reference_step(plain, spec, batches, bf16), args.steps, args.warmup, device
-        )
-        ref = summarise(ref_times, tokens_per_step, flops, peak)
-        ref["peak_memory_gib"] = peak_memory_gib(device)
-        result["reference"] = ref
-        result["vs_reference"] = (
-            result["tokens_per_sec_per_device"] / ref["tokens_per_sec_per_device"]
-        )
+        result["reference"] = summarise(times[1], tokens_per_step, flops, peak)
+        # Each engine step against the reference step right after it: drift cancels in pairs.
+        pairs = sorted(r / e for e, r in zip(times[0], times[1]))
+        result["vs_reference"] = statistics.median(pairs)
+        result["vs_reference_iqr"] = [pairs[len(pairs) // 4], pairs[(3 * len(pairs)) // 4]]
     return result
 
 
@@ -316,7 +322,8 @@ def _headline(r: dict) -> str:
         ref = r["reference"]
         line += (
             f"; plain PyTorch {ref['tokens_per_sec_per_device']:,.0f} tokens/s per device, "
-            f"MFU {ref['mfu']:.1f}%: engine/reference = {r['vs_reference']:.3f}"
+            f"MFU {ref['mfu']:.1f}%: engine/reference = {r['vs_reference']:.3f} "
+            f"(paired steps, IQR {r['vs_reference_iqr'][0]:.3f}-{r['vs_reference_iqr'][1]:.3f})"
         )
     return line
 
