@@ -37,6 +37,7 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 from launcher.errors import UserError, run_cli  # noqa: E402
+from launcher.run import add_spec_arguments  # noqa: E402
 
 DEFAULT_VOCAB = 50304
 """GPT-2's 50,257 tokens padded to a multiple of 64: the vocabulary when the spec leaves it null."""
@@ -48,22 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--spec", type=Path, default=None, help="run spec YAML (default: the demo's)")
-    p.add_argument(
-        "--ds_config",
-        "--ds-config",
-        type=Path,
-        default=Path("ds_configs/zero0.json"),
-        help="DeepSpeed JSON (default ds_configs/zero0.json)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec field (repeatable)",
-    )
+    add_spec_arguments(p, "ds_configs/zero0.json")
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument(
@@ -71,7 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")

@@ -35,12 +35,8 @@ from launcher.errors import EXIT_REQUEUE, run_cli  # noqa: E402
 DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="launcher/run.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_spec_arguments(p: argparse.ArgumentParser, default_ds_config: str) -> None:
+    """--spec, --ds_config, --set and the deepspeed runner's --local_rank (run.py, bench.py)."""
     p.add_argument(
         "--spec",
         type=Path,
@@ -51,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ds_config",
         "--ds-config",
         type=Path,
-        default=Path(DEFAULT_DS_CONFIG),
-        help=f"DeepSpeed JSON (default {DEFAULT_DS_CONFIG})",
+        default=Path(default_ds_config),
+        help=f"DeepSpeed JSON (default {default_ds_config})",
     )
     p.add_argument(
         "--set",
@@ -65,6 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
     )  # passed by the deepspeed launcher; env wins
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="launcher/run.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_spec_arguments(p, DEFAULT_DS_CONFIG)
     return p.parse_args(argv)
 
 

@@ -73,13 +73,15 @@ main() {
     deepspeed)
       per_node=${DEVICES_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}}
       [ "${per_node:-0}" -gt 0 ] 2>/dev/null || per_node=2
-      hostfile=${TMPDIR:-/tmp}/zerolaunch-$SLURM_JOB_ID.hostfile
-      scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$per_node/" >"$hostfile"
-      # One runner per node, told its node rank: no ssh, no pdsh.
+      # One runner per node, told its node rank: no ssh, no pdsh. Each writes the hostfile (every
+      # node of the allocation, per_node slots) to its own node's disk before it starts.
       cmd=(srun --kill-on-bad-exit=1 --ntasks-per-node=1 --ntasks="$nodes" bash -c
-        'exec "$0" -m deepspeed.launcher.runner --hostfile "$1" --no_ssh --node_rank "$SLURM_NODEID" \
-           --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" launcher/run.py "${@:2}"'
-        "$PYTHON" "$hostfile" "${run_args[@]}")
+        'hostfile=${TMPDIR:-/tmp}/zerolaunch-$SLURM_JOB_ID-$SLURM_NODEID.hostfile
+         scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$1/" >"$hostfile" || exit 2
+         exec "$0" -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh \
+           --node_rank "$SLURM_NODEID" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+           launcher/run.py "${@:2}"'
+        "$PYTHON" "$per_node" "${run_args[@]}")
       ;;
     *) die "LAUNCH_MODE=$mode: use srun or deepspeed" ;;
   esac

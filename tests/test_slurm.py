@@ -169,26 +169,27 @@ def wait_for_step(out: Path, step: int, job: str, cluster: dict, log: Path) -> N
     pytest.fail(f"the run never reached step {step}:\n{log.read_text()}")
 
 
-def test_preempted_job_saves_requeues_itself_and_finishes_the_same_run(
-    cluster, tiny_data: Path, tmp_path: Path
-) -> None:
-    out, log = tmp_path / "run", tmp_path / "job.out"
-    steps = 60
-    job = sbatch(
+def submit_logging_every_step(
+    cluster: dict, tiny_data: Path, out: Path, log: Path, steps: int, *items: str
+) -> str:
+    """slurm/train.sbatch, one node, 2 tasks, a metrics record every step."""
+    extra = [f"train.max_steps={steps}", "train.log_interval=1", "sample.max_new_tokens=0"]
+    return sbatch(
         cluster,
         "slurm/train.sbatch",
         ["--nodes=1", "--ntasks-per-node=2"],
         log,
         PYTHON=sys.executable,
-        SET_ARGS=set_args(
-            tiny_data,
-            out,
-            f"train.max_steps={steps}",
-            "train.log_interval=1",
-            "checkpoint.interval=50",
-            "sample.max_new_tokens=0",
-        ),
+        SET_ARGS=set_args(tiny_data, out, *extra, *items),
     )
+
+
+def test_preempted_job_saves_requeues_itself_and_finishes_the_same_run(
+    cluster, tiny_data: Path, tmp_path: Path
+) -> None:
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    steps = 60
+    job = submit_logging_every_step(cluster, tiny_data, out, log, steps, "checkpoint.interval=50")
     wait_for_step(out, 8, job, cluster, log)
     subprocess.run(
         ["scancel", "--signal=USR1", "--batch", job], env={**os.environ, **cluster}, check=True
@@ -219,16 +220,7 @@ def test_cancelled_job_is_not_requeued(cluster, tiny_data: Path, tmp_path: Path)
     """scancel sends TERM like preemption does: the run saves, but a cancelled job stays
     cancelled."""
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = sbatch(
-        cluster,
-        "slurm/train.sbatch",
-        ["--nodes=1", "--ntasks-per-node=2"],
-        log,
-        PYTHON=sys.executable,
-        SET_ARGS=set_args(
-            tiny_data, out, "train.max_steps=400", "train.log_interval=1", "checkpoint.interval=0"
-        ),
-    )
+    job = submit_logging_every_step(cluster, tiny_data, out, log, 400, "checkpoint.interval=0")
     wait_for_step(out, 5, job, cluster, log)
     subprocess.run(["scancel", job], env={**os.environ, **cluster}, check=True)
     info = wait_for(cluster, job, log)

@@ -37,21 +37,8 @@ done_step() { log "   done in $(elapsed "$STEP_T")s"; }
 [[ "$NODES" =~ ^[1-8]$ ]] || die "SLURM_LOCAL_NODES must be 1..8"
 [ "$CONF" = /etc/slurm/slurm.conf ] || export SLURM_CONF=$CONF
 
-# running PID COMM-PREFIX: PID exists, is COMM, and is not a zombie
-# (a killed daemon stays a zombie until PID 1 reaps it, which can be lazy)
-running() {
-  local comm
-  comm=$(cat "/proc/$1/comm" 2>/dev/null) || return 1
-  [[ "$comm" == "$2"* ]] || return 1
-  [[ "$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null)" != Z* ]]
-}
-# alive PIDFILE COMM-PREFIX: the pid in PIDFILE is running and is COMM
-alive() {
-  local pid
-  [ -s "$1" ] || return 1
-  pid=$(tr -dc 0-9 <"$1"); [ -n "$pid" ] || return 1
-  running "$pid" "$2"
-}
+# shellcheck source=tests/slurm/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # port_busy PORT: true if something accepts TCP connections on 127.0.0.1:PORT
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 # stop_pidfile PIDFILE COMM: TERM (then KILL after 15 s) the daemon in PIDFILE
