@@ -27,7 +27,6 @@ if __package__ in (None, ""):  # run as a script (deepspeed launcher/bench.py): 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -37,7 +36,7 @@ from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 from launcher.errors import UserError, run_cli  # noqa: E402
-from launcher.run import add_spec_arguments  # noqa: E402
+from launcher.run import add_spec_arguments, exit_together  # noqa: E402
 
 DEFAULT_VOCAB = 50304
 """GPT-2's 50,257 tokens padded to a multiple of 64: the vocabulary when the spec leaves it null."""
@@ -173,21 +172,12 @@ def _spec(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
-    from launcher.config import display_path
-    from launcher.distributed import bf16_supported, detect_env, device_type
-    from launcher.ds_config import load_ds_config, merge_ds_config
+    from launcher.distributed import detect_env, device_type
+    from launcher.preflight import engine_config
 
     spec = _spec(args)
     env = detect_env()
-    ds_config = merge_ds_config(
-        load_ds_config(args.ds_config),
-        spec.train,
-        env.world_size,
-        spec_path=display_path(args.spec) if args.spec else "the default spec",
-        ds_path=str(args.ds_config),
-        device_type=device_type(),
-        bf16_supported=bf16_supported(device_type()),
-    )
+    ds_config = engine_config(spec, args.spec, args.ds_config, env.world_size, device_type())
     result = run_benchmark(spec, ds_config, env, args)
     if env.is_main:
         text = json.dumps(result, indent=1)
@@ -195,12 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text + "\n")
-    import torch
-
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)  # as run.py: no interpreter teardown of the CPU backends' threads
+    return exit_together(0)
 
 
 def run_benchmark(spec: Any, ds_config: dict, env: Any, args: argparse.Namespace) -> dict:

@@ -176,6 +176,21 @@ def _attempt(problems: list[str], check):
         return None
 
 
+def engine_config(
+    spec: RunSpec, spec_path: Path | None, ds_path: Path, world_size: int, device: str
+) -> dict:
+    """The DeepSpeed JSON at ds_path, checked against the spec and completed for this job."""
+    return merge_ds_config(
+        load_ds_config(ds_path),
+        spec.train,
+        world_size,
+        spec_path=display_path(spec_path or DEFAULT_SPEC),
+        ds_path=str(ds_path),
+        device_type=device,
+        bf16_supported=bf16_supported(device),
+    )
+
+
 def prepare_run(
     spec_path: Path | None,
     ds_path: Path,
@@ -189,16 +204,7 @@ def prepare_run(
     device = device or device_type()
     problems: list[str] = []
     ds_config = _attempt(
-        problems,
-        lambda: merge_ds_config(
-            load_ds_config(ds_path),
-            spec.train,
-            env.world_size,
-            spec_path=display_path(spec_path or DEFAULT_SPEC),
-            ds_path=str(ds_path),
-            device_type=device,
-            bf16_supported=bf16_supported(device),
-        ),
+        problems, lambda: engine_config(spec, spec_path, ds_path, env.world_size, device)
     )
     data = _attempt(problems, lambda: open_data(spec))
     if data is not None:

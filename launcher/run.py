@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(plan.summary(), flush=True)
     _, engine, state = train(spec, ctx)
     if state.stopped is not None:
-        return _exit(EXIT_REQUEUE)
+        return exit_together(EXIT_REQUEUE)
     if env.is_main:
         print(
             f"finished at step {state.step} in {time.perf_counter() - started:.1f}s "
@@ -126,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         if env.is_main:
             print(f"\n--- sample ---\n{text}\n--------------", flush=True)
-    return _exit(0)
+    return exit_together(0)
 
 
-def _exit(code: int) -> int:
-    """Leave together, once everything is saved, flushed and closed.
+def exit_together(code: int) -> int:
+    """All ranks leave together (run.py, bench.py), once everything is saved, flushed and closed.
 
     Skips interpreter teardown: on CPU, C++ helper threads of the communication backends can
     abort a finished rank there ("terminate called without an active exception", seen once in
