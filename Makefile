@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 data: install
-	$(PY) -m data_pipeline.prepare --source shakespeare --tokenizer char --val-fraction 0.1 \
+	$(VENV)/bin/zerolaunch prepare --source shakespeare --tokenizer char --val-fraction 0.1 \
 		--out data/shakespeare_char
 
 # A fresh short run each time, in $(DEMO_OUT) (the demo's own scratch directory).
@@ -34,14 +34,14 @@ demo: data
 test: install lint
 	$(PY) -m pytest
 
-# The CPU rows of BENCHMARKS.md: the training step against plain PyTorch (1 rank, ZeRO-0), then
+# The CPU rows of docs/benchmarks.md: the training step against plain PyTorch (1 rank, ZeRO-0), then
 # 2 ranks with ZeRO-2 on the same cores. JSON in $(BENCH_OUT); about 4 minutes on 2 cores.
 BENCH_OUT   ?= runs/bench
 BENCH_MODEL := --set model.n_layer=6 --set model.n_head=6 --set model.n_embd=384 \
 	--set model.block_size=256 --set model.vocab_size=65 --set model.dropout=0.0 \
 	--set train.micro_batch_size=8
 bench: install
-	$(PY) -m launcher.bench --ds_config ds_configs/zero0.json $(BENCH_MODEL) --reference \
+	$(VENV)/bin/zerolaunch bench --ds_config ds_configs/zero0.json $(BENCH_MODEL) --reference \
 		--steps 60 --out $(BENCH_OUT)/cpu_1rank_zero0.json
 	deepspeed --num_gpus 2 launcher/bench.py --ds_config ds_configs/zero2.json $(BENCH_MODEL) \
 		--steps 30 --out $(BENCH_OUT)/cpu_2rank_zero2.json

@@ -127,8 +127,18 @@ class GPTSamples:
 
     def prepare(self, num_samples: int, is_builder: bool = True) -> None:
         """Build (builder) or wait for (others) the index of every epoch num_samples needs."""
+        from tqdm import tqdm
+
         self.is_builder = is_builder
-        for epoch in range(self.epochs_for(num_samples)):
+        epochs = tqdm(
+            range(self.epochs_for(num_samples)),
+            desc=f"sample index of {self.split.describe()}",
+            unit="epoch",
+            disable=None if is_builder else True,  # a terminal only, and one rank per node
+            delay=2.0,  # quiet when the cache already holds it
+            leave=False,
+        )
+        for epoch in epochs:
             self._load(epoch)
 
     def _load(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

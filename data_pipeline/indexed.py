@@ -71,10 +71,10 @@ class IndexedDataset:
 
     def __init__(self, prefix: str | Path) -> None:
         self.prefix = Path(prefix)
-        self._index = self._open_index(idx_path(prefix))
+        self._open_index(idx_path(prefix))
         self.tokens = self._open_bin(bin_path(prefix))
 
-    def _open_index(self, path: Path) -> np.ndarray:
+    def _open_index(self, path: Path) -> None:
         if not path.exists():
             raise IndexedDatasetError(f"{path} does not exist")
         size = path.stat().st_size
@@ -108,7 +108,6 @@ class IndexedDataset:
             raise IndexedDatasetError(
                 f"{path}: document index must run from 0 to the sequence count {n_seq}"
             )
-        return buffer
 
     def _open_bin(self, path: Path) -> np.ndarray:
         if not path.exists():

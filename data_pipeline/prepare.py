@@ -128,32 +128,31 @@ def encode_stream(
 
 
 class Progress:
-    """One stderr line, refreshed twice a second: MB read, MB/s, tokens, tokens/s, documents."""
+    """A tqdm bar of the text read (MB, MB/s) with tokens and documents so far; off when
+    stderr is not a terminal (Slurm logs, CI) or with --no-progress. The summary line after
+    preparation is printed either way."""
 
-    def __init__(self, stats: ReadStats, enabled: bool) -> None:
-        self.stats, self.enabled = stats, enabled
-        self.start = self.last = time.perf_counter()
-        self.tokens = 0
+    def __init__(self, stats: ReadStats, enabled: bool, total_bytes: int | None) -> None:
+        from tqdm import tqdm
 
-    def update(self, tokens: int, force: bool = False) -> None:
-        self.tokens += tokens
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < 0.5 and not force):
-            return
-        self.last, elapsed = now, max(now - self.start, 1e-9)
-        mb = self.stats.bytes_read / 1e6
-        print(
-            f"\r{mb:,.1f} MB  {mb / elapsed:,.1f} MB/s  {self.tokens:,} tokens  "
-            f"{self.tokens / elapsed / 1e6:,.2f}M tok/s  {self.stats.documents:,} docs",
-            end="",
-            file=sys.stderr,
-            flush=True,
+        self.stats, self.tokens, self.start = stats, 0, time.perf_counter()
+        self.bar = tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1000,
+            desc="tokenizing",
+            disable=None if enabled else True,  # None: only on a terminal
+            dynamic_ncols=True,
         )
 
+    def update(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(self.stats.bytes_read - self.bar.n)
+        self.bar.set_postfix(tokens=f"{self.tokens:,}", docs=f"{self.stats.documents:,}")
+
     def close(self) -> float:
-        self.update(0, force=True)
-        if self.enabled:
-            print(file=sys.stderr)
+        self.bar.close()
         return time.perf_counter() - self.start
 
 
@@ -174,6 +173,12 @@ class Corpus:
     @property
     def stats(self) -> ReadStats:
         return self.reader.stats
+
+    def total_bytes(self) -> int | None:
+        """Bytes the reader will count for the input files (None for the demo archive)."""
+        if self.archive is not None:
+            return None
+        return sum(f.stat().st_size for f in self.files)
 
     def documents(self) -> Iterator[str]:
         """A fresh pass over every document (the statistics restart with it)."""
@@ -225,7 +230,7 @@ def write_dataset(
     dtype = token_dtype(tokenizer.vocab_size)
     writer = IndexedDatasetWriter(out, dtype)
     documents = corpus.documents()
-    meter = Progress(corpus.stats, progress)
+    meter = Progress(corpus.stats, progress, corpus.total_bytes())
     try:
         for tokens, lengths in encode_stream(documents, tokenizer, dtype, out.parent, workers):
             writer.add_documents(tokens, lengths)
@@ -236,7 +241,9 @@ def write_dataset(
     except BaseException:
         writer.abort()
         raise
-    return documents, n_tokens, meter.close()
+    finally:
+        seconds = meter.close()
+    return documents, n_tokens, seconds
 
 
 def write_meta(
@@ -372,7 +379,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--cache-dir", type=Path, default=default_cache(), help="download cache")
     p.add_argument("--force", action="store_true", help="prepare again even if up to date")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (it is shown only when stderr is a terminal anyway)",
+    )
     args = p.parse_args(argv)
     if args.txt_separator is not None:
         args.txt_separator = args.txt_separator.encode().decode("unicode_escape")
@@ -388,10 +400,10 @@ def main(argv: list[str] | None = None) -> int:
             raise PrepareError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
         prepare(args)
     except (PrepareError, SourceError, TokenizerError) as e:
-        print(f"\nerror: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: nothing was renamed into place", file=sys.stderr)
+        print("interrupted: nothing was renamed into place", file=sys.stderr)
         return 130
     return 0
 

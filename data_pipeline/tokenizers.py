@@ -40,7 +40,6 @@ class CharTokenizer:
 
     def __init__(self, chars: list[str]) -> None:
         self.chars = list(chars)
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.eod_id = len(self.chars)
         self.vocab_size = len(self.chars) + 1
         codes = [ord(c) for c in self.chars]

@@ -1,15 +1,61 @@
-"""`python -m launcher check ...`: the pre-flight check (see launcher/check.py)."""
+"""`zerolaunch COMMAND ...` (also `python -m launcher COMMAND ...`): one command for everything.
 
+Each command is also its own module (`python -m launcher.sample`, `deepspeed launcher/run.py`,
+`python -m data_pipeline.prepare`), with the same arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
 import sys
 
-from launcher.errors import run_cli
+from launcher.errors import EXIT_USER_ERROR, run_cli
 
-COMMANDS = {"check": "launcher.check"}
+COMMANDS = {
+    "train": ("launcher.run", "train a model from a run spec and a DeepSpeed JSON"),
+    "check": ("launcher.check", "check a run before launching it; memory per ZeRO stage"),
+    "prepare": ("data_pipeline.prepare", "tokenize a corpus into an indexed dataset"),
+    "sample": ("launcher.sample", "generate text from a run or an exported model"),
+    "export": ("launcher.export", "export a checkpoint to the Hugging Face layout"),
+    "ckpt": ("launcher.ckpt", "list a run's checkpoints"),
+    "report": ("launcher.report", "plot a run's metrics to report.png"),
+    "bench": ("launcher.bench", "measure the training step: tokens/s, MFU, memory"),
+}
+_LOCAL_RANK = re.compile(r"^--local[_-]rank=\d+$")
+
+
+def usage() -> str:
+    lines = [f"  {name:<9}{help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return (
+        "usage: zerolaunch COMMAND [ARGS...]   (zerolaunch COMMAND --help for its arguments)\n\n"
+        "commands:\n" + "\n".join(lines) + "\n\n"
+        "several ranks: deepspeed launcher/run.py ..., torchrun ... -m launcher train ..., "
+        "or sbatch slurm/train.sbatch"
+    )
+
+
+def _drop_runner_flags(argv: list[str]) -> list[str]:
+    """`deepspeed --module launcher train ...` puts --local_rank=N before the command; the
+    environment's LOCAL_RANK is what counts, so it is dropped."""
+    while argv and _LOCAL_RANK.match(argv[0]):
+        argv = argv[1:]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _drop_runner_flags(list(sys.argv[1:] if argv is None else argv))
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if argv else EXIT_USER_ERROR
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    module = importlib.import_module(COMMANDS[name][0])
+    run_cli(lambda: module.main(rest))
+    return 0
+
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(f"usage: python -m launcher {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
-        sys.exit(2)
-    from launcher.check import main
-
-    run_cli(lambda: main(sys.argv[2:]))
+    sys.exit(main())

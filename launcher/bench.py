@@ -1,6 +1,6 @@
 """Throughput of the real training step: tokens/s, MFU, step times and memory, on synthetic tokens.
 
-    python -m launcher.bench --ds_config ds_configs/zero0.json --set model.vocab_size=65
+    zerolaunch bench --ds_config ds_configs/zero0.json --set model.vocab_size=65
     deepspeed --num_gpus 2 launcher/bench.py --ds_config ds_configs/zero2.json --reference
     python -m launcher.bench --spec my.yaml --steps 50 --warmup 10 --json --out bench.json
 
@@ -24,19 +24,20 @@ if __package__ in (None, ""):  # run as a script (deepspeed launcher/bench.py): 
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from launcher.errors import UserError, run_cli  # noqa: E402
-from launcher.run import add_spec_arguments, exit_together  # noqa: E402
+from launcher.config.arguments import add_spec_arguments, config_paths
+from launcher.config.paths import DS_CONFIGS
+from launcher.errors import UserError, run_cli
 
 DEFAULT_VOCAB = 50304
 """GPT-2's 50,257 tokens padded to a multiple of 64: the vocabulary when the spec leaves it null."""
@@ -44,11 +45,11 @@ DEFAULT_VOCAB = 50304
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m launcher.bench",
+        prog="zerolaunch bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_spec_arguments(p, "ds_configs/zero0.json")
+    add_spec_arguments(p, DS_CONFIGS / "zero0.json")
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument(
@@ -110,55 +111,48 @@ def timed(steps: list[Callable[[int], None]], n: int, warmup: int, device: Any) 
     return times
 
 
-def summarise(times: list[float], tokens_per_step: int, flops: float, peak: float) -> dict:
-    from launcher import mfu
-
-    median = statistics.median(times)
-    per_device = tokens_per_step / median
-    return {
-        "tokens_per_sec_per_device": per_device,
-        "step_ms_median": 1000 * median,
-        "step_ms_p90": 1000 * sorted(times)[min(len(times) - 1, int(0.9 * len(times)))],
-        "mfu": mfu.mfu(flops, per_device, peak),
-    }
-
-
-def reference_step(model: Any, spec: Any, batches: SyntheticBatches, bf16: bool) -> Callable:
-    """One optimizer step of plain PyTorch: what a nanoGPT-style loop does with this model."""
+def reference_step(model: Any, train: Any, batches: SyntheticBatches, precision: str) -> Callable:
+    """One optimizer step of plain PyTorch: what a nanoGPT-style loop does with this model
+    (autocast in bf16; autocast and a gradient scaler in fp16)."""
     import torch
 
-    from launcher.schedule import lr_at
+    from launcher.training.schedule import lr_at
     from model.gpt import param_groups
 
-    t, device = spec.train, next(model.parameters()).device
+    device = next(model.parameters()).device
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(
-        param_groups(model, t.weight_decay), lr=lr_at(0, t), betas=(t.beta1, t.beta2), **fused
+        param_groups(model, train.weight_decay),
+        lr=lr_at(0, train),
+        betas=(train.beta1, train.beta2),
+        **fused,
     )
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    )
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step(i: int) -> None:
-        for micro in range(t.grad_accum_steps):
+        for micro in range(train.grad_accum_steps):
             x, y = batches.train(i, micro)
             with autocast:
                 _, loss = model(x, y)
-            (loss / t.grad_accum_steps).backward()
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
+            scaler.scale(loss / train.grad_accum_steps).backward()
+        if train.grad_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
 
     return step
 
 
-def _spec(args: argparse.Namespace):
+def _spec(spec_path: Path | None, overrides: list[str]):
     from dataclasses import replace
 
-    from launcher.config import load_spec
+    from launcher.config.load import load_spec
 
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_spec(spec_path, overrides)
     if spec.model.vocab_size is None:
         print(
             f"note: model.vocab_size is null (the dataset's, for training); the benchmark uses "
@@ -172,13 +166,14 @@ def _spec(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
-    from launcher.distributed import detect_env, device_type
-    from launcher.preflight import engine_config
+    from launcher.runtime.distributed import detect_env, device_type, exit_together
+    from launcher.training.plan import engine_settings
 
-    spec = _spec(args)
+    spec_path, ds_path = config_paths(args)
+    spec = _spec(spec_path, args.overrides)
     env = detect_env()
-    ds_config = engine_config(spec, args.spec, args.ds_config, env.world_size, device_type())
-    result = run_benchmark(spec, ds_config, env, args)
+    engine, _ = engine_settings(spec, spec_path, ds_path, env.world_size, device_type())
+    result = run_benchmark(spec, engine, env, args)
     if env.is_main:
         text = json.dumps(result, indent=1)
         print(text if args.json else f"{_headline(result)}\n{text}", flush=True)
@@ -188,60 +183,103 @@ def main(argv: list[str] | None = None) -> int:
     return exit_together(0)
 
 
-def run_benchmark(spec: Any, ds_config: dict, env: Any, args: argparse.Namespace) -> dict:
+def run_benchmark(spec: Any, engine_cfg: Any, env: Any, args: argparse.Namespace) -> dict:
+    """Time the engine's step (and the plain-PyTorch reference): the benchmark's JSON object."""
     import torch
 
-    from launcher import mfu
-    from launcher.distributed import init_process_group, select_device
-    from launcher.ds_config import zero_stage
-    from launcher.monitor import StepTimer
-    from launcher.reporter import peak_memory_gib
-    from launcher.train import build_engine, model_flops_per_token, train_step
-    from model.gpt import GPT, recompute_fraction
+    from launcher.monitoring import mfu
+    from launcher.monitoring.metrics import peak_memory_gib
+    from launcher.runtime.distributed import init_process_group, select_device
+    from launcher.training.engine import build_engine
+    from launcher.training.step import train_step
+    from model.gpt import GPT, flops_per_token
 
     device = select_device(env)
     init_process_group()
     m, t = spec.model, spec.train
-    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
-    torch.manual_seed(t.seed)
-    model = GPT(m)
-    flops = model_flops_per_token(model)
-    params = model.num_params(non_embedding=False)
-    peak, peak_source = mfu.device_peak(device, bf16, spec.monitor.peak_flops)
     batches = SyntheticBatches.make(
         m.vocab_size, t.micro_batch_size, m.block_size, t.grad_accum_steps, device, t.seed
     )
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * m.block_size  # per device
-    engine = build_engine(model, spec, ds_config, device)
-    timer = StepTimer(device, detailed=False)
-
-    def engine_step(i: int) -> None:
-        train_step(engine, batches, i, t.grad_accum_steps, timer, [])
-        timer.steps.clear()
-
-    steps = [engine_step]
+    torch.manual_seed(t.seed)
+    engine = build_engine(GPT(m), t, engine_cfg)
+    steps = [lambda i: train_step(engine, batches, i, t.grad_accum_steps)]
     if args.reference:  # same initial weights, its own optimizer state
         torch.manual_seed(t.seed)
-        steps.append(reference_step(GPT(m).to(device), spec, batches, bf16))
+        steps.append(reference_step(GPT(m).to(device), t, batches, engine_cfg.precision))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = timed(steps, args.steps, args.warmup, device)
-    measured = summarise(times[0], tokens_per_step, flops, peak)
-    recompute = recompute_fraction(m)
-    per_device = measured["tokens_per_sec_per_device"]
-    result = {
-        "tokens_per_sec": per_device * env.world_size,
-        **measured,
-        "hfu": mfu.hfu(flops, flops / 3 * recompute, per_device, peak),
-        "peak_memory_gib": peak_memory_gib(device),
-        "params": params,
-        "flops_per_token": flops,
-        "device": _device_name(device),
-        "peak_flops": peak,
-        "peak_source": peak_source,
+    peak, peak_source = mfu.device_peak(device, engine_cfg.half, spec.monitor.peak_flops)
+    figures = Figures(
+        flops_per_token(m), t.micro_batch_size * t.grad_accum_steps * m.block_size, peak
+    )
+    result = figures.measured(times[0], env.world_size, m)
+    result["peak_memory_gib"] = peak_memory_gib(device)
+    result |= {"device": _device_name(device), "peak_source": peak_source}
+    result |= _setup(spec, engine_cfg, env, args)
+    if args.reference:
+        result |= figures.against_reference(times[0], times[1])
+    return result
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Step times -> throughput figures for one model and device."""
+
+    flops_per_token: int
+    tokens_per_step: int
+    """Tokens one rank processes per optimizer step."""
+    peak: float
+    """Peak FLOP/s of one device."""
+
+    def summary(self, times: list[float]) -> dict:
+        from launcher.monitoring import mfu
+
+        median = statistics.median(times)
+        per_device = self.tokens_per_step / median
+        return {
+            "tokens_per_sec_per_device": per_device,
+            "step_ms_median": 1000 * median,
+            "step_ms_p90": 1000 * sorted(times)[min(len(times) - 1, int(0.9 * len(times)))],
+            "mfu": mfu.mfu(self.flops_per_token, per_device, self.peak),
+        }
+
+    def measured(self, times: list[float], world_size: int, model: Any) -> dict:
+        from launcher.monitoring import mfu
+        from model.gpt import count_params, recompute_fraction
+
+        summary = self.summary(times)
+        per_device = summary["tokens_per_sec_per_device"]
+        recomputed = self.flops_per_token / 3 * recompute_fraction(model)
+        return {
+            "tokens_per_sec": per_device * world_size,
+            **summary,
+            "hfu": mfu.hfu(self.flops_per_token, recomputed, per_device, self.peak),
+            "params": count_params(model),
+            "flops_per_token": self.flops_per_token,
+            "peak_flops": self.peak,
+        }
+
+    def against_reference(self, engine: list[float], reference: list[float]) -> dict:
+        # Each engine step against the reference step right after it: drift cancels in pairs.
+        pairs = sorted(r / e for e, r in zip(engine, reference))
+        return {
+            "reference": self.summary(reference),
+            "vs_reference": statistics.median(pairs),
+            "vs_reference_iqr": [pairs[len(pairs) // 4], pairs[(3 * len(pairs)) // 4]],
+        }
+
+
+def _setup(spec: Any, engine_cfg: Any, env: Any, args: argparse.Namespace) -> dict:
+    """What was measured: layout, precision, model shape, batch, versions."""
+    import torch
+
+    m, t = spec.model, spec.train
+    return {
         "world_size": env.world_size,
-        "zero_stage": zero_stage(ds_config),
-        "bf16": bf16,
+        "zero_stage": engine_cfg.zero_stage,
+        "precision": engine_cfg.precision,
+        "bf16": engine_cfg.precision == "bf16",
         "model": {
             k: getattr(m, k)
             for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
@@ -255,23 +293,16 @@ def run_benchmark(spec: Any, ds_config: dict, env: Any, args: argparse.Namespace
         "torch": torch.__version__,
         "deepspeed": _deepspeed_version(),
     }
-    if args.reference:
-        result["reference"] = summarise(times[1], tokens_per_step, flops, peak)
-        # Each engine step against the reference step right after it: drift cancels in pairs.
-        pairs = sorted(r / e for e, r in zip(times[0], times[1]))
-        result["vs_reference"] = statistics.median(pairs)
-        result["vs_reference_iqr"] = [pairs[len(pairs) // 4], pairs[(3 * len(pairs)) // 4]]
-    return result
 
 
 def _device_name(device: Any) -> str:
     import torch
 
+    from launcher.monitoring.mfu import cpu_name
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from launcher.mfu import _cpu_name
-
-    return f"{_cpu_name()} ({platform.machine()})"
+    return f"{cpu_name()} ({platform.machine()})"
 
 
 def _deepspeed_version() -> str:
@@ -281,9 +312,10 @@ def _deepspeed_version() -> str:
 
 
 def _headline(r: dict) -> str:
+    precision = "" if r["precision"] == "fp32" else f", {r['precision']}"
     line = (
-        f"{r['world_size']} rank(s) on {r['device']}, ZeRO-{r['zero_stage']}"
-        f"{', bf16' if r['bf16'] else ''}: {r['tokens_per_sec']:,.0f} tokens/s "
+        f"{r['world_size']} rank(s) on {r['device']}, ZeRO-{r['zero_stage']}{precision}: "
+        f"{r['tokens_per_sec']:,.0f} tokens/s "
         f"({r['tokens_per_sec_per_device']:,.0f} per device), step {r['step_ms_median']:.1f} ms "
         f"median / {r['step_ms_p90']:.1f} ms p90, MFU {r['mfu']:.1f}% of "
         f"{r['peak_flops'] / 1e12:,.3f} TFLOP/s"

@@ -1,6 +1,6 @@
 """Pre-flight check: will this run start, and does it fit? Nothing is launched.
 
-    python -m launcher check --ds_config ds_configs/zero2.json --world-size 64 --device-memory 80GB
+    zerolaunch check --ds_config ds_configs/zero2.json --world-size 64 --device-memory 80GB
         [--spec my.yaml] [--set model.n_layer=48 ...] [--device cuda]
 
 Runs every check a launch runs (spec, DeepSpeed config and batch arithmetic at this world size,
@@ -12,17 +12,15 @@ together with exit code 2. The model is built on the meta device: a 70B check ta
 from __future__ import annotations
 
 import argparse
-import copy
 import re
-from pathlib import Path
 
-from launcher.distributed import DistEnv, device_type
-from launcher.ds_config import zero_stage
+from launcher.config.arguments import add_spec_arguments, config_paths
+from launcher.config.paths import DEFAULT_DS_CONFIG
 from launcher.errors import UserError, run_cli
-from launcher.memory import GIB, count_params, estimate
-from launcher.preflight import RunPlan, prepare_run
-from launcher.schedule import tokens_per_step
-from launcher.train import config_flops_per_token
+from launcher.runtime.distributed import DistEnv, device_type
+from launcher.training.memory import GIB, estimate
+from launcher.training.plan import RunPlan, prepare_run
+from model.gpt import count_params, flops_per_token
 
 
 def parse_memory(text: str) -> float:
@@ -41,22 +39,15 @@ def _gib(n: float) -> str:
 
 def stage_table(plan: RunPlan, device_memory: float | None) -> list[str]:
     """One row per ZeRO stage (offload as configured applies to the configured stage)."""
-    config, world = plan.spec.model, plan.env.world_size
-    configured = zero_stage(plan.ds_config)
-    checkpointing = config.activation_checkpointing != "none"
+    configured = plan.engine.zero_stage
+    checkpointing = plan.spec.model.activation_checkpointing != "none"
     header = (
         f"{'ZeRO':<7}{'params':>9}{'grads':>9}{'optim':>9}{'acts':>9}{'acts ckpt':>10}"
         f"{'buffers':>9}{'total':>9}{'host':>9}  GiB per device"
     )
     rows = [header]
     for stage in range(4):
-        ds = copy.deepcopy(plan.ds_config)
-        zero = ds.setdefault("zero_optimization", {})
-        if stage != configured:
-            zero.pop("offload_optimizer", None)
-            zero.pop("offload_param", None)
-        zero["stage"] = stage
-        est = estimate(config, ds, world, stage)
+        est = estimate(plan.spec.model, plan.engine.at_stage(stage))
         total = est.total(checkpointing)
         mark = "<- configured" if stage == configured else ""
         if device_memory is not None:
@@ -70,19 +61,13 @@ def stage_table(plan: RunPlan, device_memory: float | None) -> list[str]:
 
 
 def report(plan: RunPlan, device_memory: float | None) -> str:
-    m, t = plan.spec.model, plan.spec.train
-    params = count_params(m)
-    tokens = tokens_per_step(t, plan.env.world_size, m.block_size)
-    flops = config_flops_per_token(m) * tokens
-    precision = (
-        "bf16/fp16"
-        if any(plan.ds_config.get(k, {}).get("enabled") is True for k in ("bf16", "fp16"))
-        else "fp32"
-    )
+    m, engine = plan.spec.model, plan.engine
+    tokens = engine.train_batch_size * m.block_size
+    flops = flops_per_token(m) * tokens
     lines = [
         plan.summary(),
-        f"parameters: {params:,} | tokens/step: {tokens:,} | FLOPs/step: {flops:.3e} | "
-        f"precision: {precision} | activation checkpointing: {m.activation_checkpointing}",
+        f"parameters: {count_params(m):,} | tokens/step: {tokens:,} | FLOPs/step: {flops:.3e} | "
+        f"precision: {engine.precision} | activation checkpointing: {m.activation_checkpointing}",
         *stage_table(plan, device_memory),
         "total = params + grads + optim + activations (checkpointed ones if the spec checkpoints)"
         " + communication buffers; host = offloaded states in CPU memory per rank",
@@ -92,13 +77,11 @@ def report(plan: RunPlan, device_memory: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m launcher check",
+        prog="zerolaunch check",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--spec", type=Path, default=None)
-    p.add_argument("--ds_config", "--ds-config", type=Path, default=Path("ds_configs/zero2.json"))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_spec_arguments(p, DEFAULT_DS_CONFIG)
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (default 1)")
     p.add_argument("--device-memory", default=None, help="per-device memory, e.g. 80GB")
     p.add_argument(
@@ -115,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         rank=0, local_rank=0, world_size=args.world_size, local_world_size=min(args.world_size, 8)
     )
     plan = prepare_run(
-        args.spec, args.ds_config, args.overrides, env=env, device=args.device or device_type()
+        *config_paths(args), args.overrides, env=env, device=args.device or device_type()
     )
+    for warning in plan.warnings:
+        print(f"warning: {warning}")
     print(report(plan, device_memory))
     return 0
 

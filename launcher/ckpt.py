@@ -1,6 +1,6 @@
 """Inspect a run's checkpoints.
 
-python -m launcher.ckpt list runs/NAME
+zerolaunch ckpt list runs/NAME [--json]
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from launcher import checkpoint
+from launcher.checkpoints import store
 from launcher.errors import UserError, run_cli
 
 
@@ -27,28 +27,29 @@ def _size(n: int) -> str:
 
 def rows(run_dir: Path) -> list[dict]:
     """One row per tag directory, oldest first."""
-    ckpt_dir = checkpoint.checkpoint_dir(run_dir)
-    latest = checkpoint.read_pointer(ckpt_dir, checkpoint.LATEST)
-    best = checkpoint.read_pointer(ckpt_dir, checkpoint.BEST)
+    ckpt_dir = store.checkpoint_dir(run_dir)
+    latest = store.read_pointer(ckpt_dir, store.LATEST)
+    best = store.read_pointer(ckpt_dir, store.BEST)
     out = []
-    for step, tag in checkpoint.all_tags(ckpt_dir):
+    for step, tag in store.all_tags(ckpt_dir):
         tag_dir = ckpt_dir / tag
-        problem = checkpoint.verify(tag_dir)
-        meta = {} if problem else json.loads((tag_dir / checkpoint.META_FILE).read_text())
+        problem = store.verify(tag_dir)
+        meta = None if problem else store.read_meta(tag_dir)
         size = sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
         marks = [m for m, t in (("latest", latest), ("best", best)) if t == tag]
         out.append(
             {
                 "tag": tag,
                 "step": step,
-                "train_loss": meta.get("train_loss"),
-                "val_loss": meta.get("val_loss") if meta.get("val_step") == step else None,
+                "train_loss": meta.train_loss if meta else None,
+                "val_loss": meta.own_val_loss if meta else None,
                 "bytes": size,
                 "complete": problem is None,
                 "problem": problem,
                 "marks": marks,
-                "world_size": meta.get("world_size"),
-                "zero_stage": meta.get("zero_stage"),
+                "world_size": meta.world_size if meta else None,
+                "zero_stage": meta.zero_stage if meta else None,
+                "precision": meta.precision if meta else None,
             }
         )
     return out
@@ -73,7 +74,7 @@ def format_table(table: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m launcher.ckpt",
+        prog="zerolaunch ckpt",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -82,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     listing.add_argument("run", type=Path, help="run directory, e.g. runs/NAME")
     listing.add_argument("--json", action="store_true", help="one JSON object per tag")
     args = p.parse_args(argv)
-    if not (args.run / "spec.yaml").exists() and not checkpoint.checkpoint_dir(args.run).is_dir():
+    if not (args.run / "spec.yaml").exists() and not store.checkpoint_dir(args.run).is_dir():
         raise UserError(f"{args.run} is not a zerolaunch run directory")
     table = rows(args.run)
     if not table:
-        raise UserError(f"{args.run} has no checkpoints ({checkpoint.checkpoint_dir(args.run)})")
+        raise UserError(f"{args.run} has no checkpoints ({store.checkpoint_dir(args.run)})")
     if args.json:
         print("\n".join(json.dumps(r) for r in table))
     else:

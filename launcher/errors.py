@@ -1,10 +1,15 @@
-"""User mistakes become one readable paragraph and exit code 2, never a traceback."""
+"""User mistakes become one readable paragraph and exit code 2, never a traceback.
+
+Torch-free on purpose: every command imports it first, before anything heavy.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+from launcher.runtime.variables import RANK_VARIABLES
 
 EXIT_USER_ERROR = 2
 EXIT_REQUEUE = 75
@@ -13,7 +18,23 @@ EXIT_REQUEUE = 75
 
 
 class UserError(Exception):
-    """A problem the user can fix (a config, a file, a flag); the message says how."""
+    """A problem the user can fix (a config, a file, a flag); the message says how.
+
+    `problems` lists the independent problems it stands for (one, unless several were found
+    together), so that a check can gather every problem of every input into one report.
+    """
+
+    def __init__(self, message: str, problems: Iterable[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
+
+
+def combined(problems: list[str]) -> UserError:
+    """One error for several problems, each on its own line."""
+    if len(problems) == 1:
+        return UserError(problems[0])
+    lines = "\n".join(f"- {p}" for p in problems)
+    return UserError(f"{len(problems)} problems:\n{lines}", problems)
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
@@ -31,7 +52,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
 
 def _rank() -> int:
     """This process's rank from whichever launcher started it (before any is parsed)."""
-    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+    for key in RANK_VARIABLES:
         if os.environ.get(key, "").isdigit():
             return int(os.environ[key])
     return 0

@@ -100,7 +100,7 @@ def _loss_panel(ax, records: list[dict], events: list[dict], tokens_at: dict) ->
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m launcher.report",
+        prog="zerolaunch report",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

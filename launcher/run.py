@@ -1,11 +1,10 @@
-"""Train a GPT from a YAML run spec and a DeepSpeed JSON config.
+"""Train a GPT from a YAML run spec and a DeepSpeed JSON config (`zerolaunch train`).
 
     deepspeed launcher/run.py --ds_config ds_configs/zero2.json
     deepspeed --num_gpus 8 launcher/run.py --spec my.yaml --ds_config ds_configs/zero2.json \\
         --set train.max_steps=5000 --set model.n_layer=12
     torchrun --nproc_per_node 2 launcher/run.py --ds_config ds_configs/zero2.json
-    python launcher/run.py --ds_config ds_configs/zero2.json          # one process
-
+    zerolaunch train --ds_config ds_configs/zero2.json            # one process
     srun python launcher/run.py --ds_config ds_configs/zero2.json   # or: sbatch slurm/train.sbatch
 
 Everything is checked before any process group starts or any file is written: a bad spec,
@@ -24,48 +23,19 @@ if __package__ in (None, ""):  # run as a script: import the project, not siblin
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
+import argparse
+import json
+import time
+import warnings
 
-from launcher.errors import EXIT_REQUEUE, run_cli  # noqa: E402
-
-DEFAULT_DS_CONFIG = "ds_configs/zero2.json"
-
-
-def add_spec_arguments(p: argparse.ArgumentParser, default_ds_config: str) -> None:
-    """--spec, --ds_config, --set and the deepspeed runner's --local_rank (run.py, bench.py)."""
-    p.add_argument(
-        "--spec",
-        type=Path,
-        default=None,
-        help="run spec YAML (default launcher/specs/shakespeare_char.yaml)",
-    )
-    p.add_argument(
-        "--ds_config",
-        "--ds-config",
-        type=Path,
-        default=Path(default_ds_config),
-        help=f"DeepSpeed JSON (default {default_ds_config})",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a spec field, e.g. --set train.max_steps=100 (repeatable)",
-    )
-    p.add_argument(
-        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
-    )  # passed by the deepspeed launcher; env wins
+from launcher.config.arguments import add_spec_arguments, config_paths
+from launcher.config.paths import DEFAULT_DS_CONFIG
+from launcher.errors import EXIT_REQUEUE, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="launcher/run.py",
+        prog="zerolaunch train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -76,23 +46,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     started = _process_start()
     args = parse_args(argv)
-    from launcher.stopping import install_signal_handlers
+    from launcher.runtime.stopping import install_signal_handlers
 
     install_signal_handlers()  # USR1/TERM from here on: save at the next step boundary, exit 75
     # DeepSpeed's ZeRO calls a torch collective that torch marks deprecated, once per step.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
-    from launcher.preflight import prepare_run
+    from launcher.training.plan import prepare_run
 
-    plan = prepare_run(args.spec, args.ds_config, args.overrides)
+    plan = prepare_run(*config_paths(args), args.overrides)
     # --- nothing above touched a process group or wrote a file ---
+    from launcher.training.loop import train
+
+    device = _start(plan)
+    engine, state = train(plan, device, started)
+    return _finish(plan, engine, state, device, started)
+
+
+def _start(plan):
+    """Process group, device, run files, universal conversion: everything before training."""
     import torch
 
-    from launcher.checkpoint import convert_to_universal
-    from launcher.distributed import init_process_group, rank_map, select_device
-    from launcher.sample import generate_text
-    from launcher.train import RunContext, config_flops_per_token, train
+    from launcher.checkpoints.universal import convert_to_universal
+    from launcher.runtime.distributed import init_process_group, rank_map, select_device
 
-    spec, env = plan.spec, plan.env
+    env = plan.env
     device = select_device(env)
     if env.is_main:
         for warning in plan.warnings:
@@ -101,21 +78,29 @@ def main(argv: list[str] | None = None) -> int:
     init_process_group()
     ranks = rank_map(env, device)
     if env.is_main:  # where each rank runs: out_dir/ranks.json
-        (spec.run_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
+        (plan.spec.run_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
     if plan.resume is not None and plan.resume.universal:
         if env.is_main:  # once, cached beside the tag; the other ranks wait at the barrier
             convert_to_universal(plan.resume.tag_dir)
         torch.distributed.barrier()
-    ctx = RunContext(env, device, plan.ds_config, plan.data, plan.resume, plan.run_id, started)
     if env.is_main:
         print(plan.summary(), flush=True)
-    _, engine, state = train(spec, ctx)
+    return device
+
+
+def _finish(plan, engine, state, device, started: float) -> int:
+    """The closing line and the sample; every rank leaves together."""
+    from launcher.evaluation.sampling import generate_text
+    from launcher.runtime.distributed import exit_together
+    from model.gpt import flops_per_token
+
+    spec = plan.spec
     if state.stopped is not None:
         return exit_together(EXIT_REQUEUE)
-    if env.is_main:
+    if plan.env.is_main:
         print(
             f"finished at step {state.step} in {time.perf_counter() - started:.1f}s "
-            f"({config_flops_per_token(spec.model) / 1e6:.1f} MFLOPs/token); "
+            f"({flops_per_token(spec.model) / 1e6:.1f} MFLOPs/token); "
             f"checkpoints in {spec.run_dir / 'checkpoints'}",
             flush=True,
         )
@@ -124,25 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         text = generate_text(
             engine.module, plan.data.tokenizer, spec.sample, seed=spec.train.seed, device=device
         )
-        if env.is_main:
+        if plan.env.is_main:
             print(f"\n--- sample ---\n{text}\n--------------", flush=True)
     return exit_together(0)
-
-
-def exit_together(code: int) -> int:
-    """All ranks leave together (run.py, bench.py), once everything is saved, flushed and closed.
-
-    Skips interpreter teardown: on CPU, C++ helper threads of the communication backends can
-    abort a finished rank there ("terminate called without an active exception", seen once in
-    CI), turning a good run into a failed one.
-    """
-    import torch
-
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _process_start() -> float:
@@ -157,12 +126,12 @@ def _write_run_files(plan) -> None:
     import yaml
 
     from data_pipeline.tokenizers import copy_tokenizer_files
-    from launcher.config import spec_to_dict
+    from launcher.config.load import spec_to_dict
 
     run_dir = plan.spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec_to_dict(plan.spec), sort_keys=False))
-    (run_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2))
+    (run_dir / "ds_config.json").write_text(json.dumps(plan.engine.ds_config, indent=2))
     tokenizer = plan.data.tokenizer
     (run_dir / "tokenizer.json").write_text(json.dumps(tokenizer.describe(), ensure_ascii=False))
     copy_tokenizer_files(tokenizer, run_dir)

@@ -195,7 +195,13 @@ class GPT(nn.Module):
         return idx
 
 
-def flops_per_token(config: GPTConfig, n_params_non_embedding: int) -> int:
+def count_params(config: GPTConfig, non_embedding: bool = False) -> int:
+    """Parameters of a model shape, counted on the meta device (any size, no memory)."""
+    with torch.device("meta"):
+        return GPT(config).num_params(non_embedding=non_embedding)
+
+
+def flops_per_token(config: GPTConfig) -> int:
     """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*H*Q*T.
 
     N is the non-embedding parameter count (which includes the tied output head), L layers,
@@ -203,7 +209,7 @@ def flops_per_token(config: GPTConfig, n_params_non_embedding: int) -> int:
     """
     head_dim = config.n_embd // config.n_head
     attention = 12 * config.n_layer * config.n_head * head_dim * config.block_size
-    return 6 * n_params_non_embedding + attention
+    return 6 * count_params(config, non_embedding=True) + attention
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 DEEPSPEED = str(Path(PYTHON).with_name("deepspeed"))
+ZEROLAUNCH = str(Path(PYTHON).with_name("zerolaunch"))  # the console script of pyproject.toml
 
 # A model small enough that a 2-rank DeepSpeed run of 30 steps takes seconds on 2 CPU cores.
 TINY = [
@@ -63,12 +64,12 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def run(cmd: list[str], check: bool = True, timeout: int = 300, **env: str):
-    """Run a command from the repo root; on failure show its whole output."""
+def run(cmd: list[str], check: bool = True, timeout: int = 300, cwd: Path = REPO, **env: str):
+    """Run a command (from the repo root unless `cwd`); on failure show its whole output."""
     # wandb stays on this machine unless a test asks otherwise (a developer's API key included).
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **env}
     result = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
     )
     if check and result.returncode != 0:
         pytest.fail(f"{cmd} exited {result.returncode}\n{result.stdout}\n{result.stderr}")

@@ -10,8 +10,10 @@ import pytest
 from conftest import PYTHON, overrides, run
 
 from launcher.check import parse_memory
-from launcher.memory import GIB, count_params, estimate
-from model.gpt import GPTConfig
+from launcher.config.ds_config import resolve_engine
+from launcher.config.spec import TrainConfig
+from launcher.training.memory import GIB, estimate
+from model.gpt import GPTConfig, count_params
 
 GPT_13B = [
     "model.n_layer=40",
@@ -44,7 +46,7 @@ def test_a_13b_model_is_checked_in_seconds_on_the_meta_device(
     )
     assert time.perf_counter() - started < 60
     out = result.stdout
-    assert "parameters: 12,853,626,880" in out and "bf16 True" in out
+    assert "parameters: 12,853,626,880" in out and "precision: bf16" in out
     rows = {line.split()[0]: line for line in out.splitlines() if line[:1] in "0123"}
     assert "DOES NOT FIT" in rows["0"] and "fits" in rows["3"] and "<- configured" in rows["3"]
     assert not (tmp_path / "r").exists()  # nothing written, nothing launched
@@ -77,27 +79,31 @@ def test_device_memory_units() -> None:
         parse_memory("lots")
 
 
+def engine(zero: dict, world_size: int = 8):
+    settings, _ = resolve_engine(
+        {"bf16": {"enabled": True}, "zero_optimization": zero},
+        TrainConfig(micro_batch_size=1),
+        world_size,
+        paths=("spec.yaml", "ds.json"),
+        device_type="cuda",
+        bf16_supported=True,
+    )
+    return settings
+
+
 def test_estimate_follows_the_zero_paper() -> None:
     config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
     psi = count_params(config)
-    bf16 = {"bf16": {"enabled": True}, "train_micro_batch_size_per_gpu": 1}
-    zero = lambda stage: {**bf16, "zero_optimization": {"stage": stage}}  # noqa: E731
-    e0, e3 = estimate(config, zero(0), 8), estimate(config, zero(3), 8)
+    e0, e3 = estimate(config, engine({"stage": 0})), estimate(config, engine({"stage": 3}))
     assert (e0.params, e0.grads, e0.optimizer) == (2 * psi, 2 * psi, 12 * psi)
     assert (e3.params, e3.grads, e3.optimizer) == (2 * psi / 8, 2 * psi / 8, 12 * psi / 8)
     offload = estimate(
         config,
-        {
-            **bf16,
-            "zero_optimization": {
-                "stage": 3,
-                "offload_optimizer": {"device": "cpu"},
-                "offload_param": {"device": "cpu"},
-            },
-        },
-        8,
+        engine(
+            {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+        ),
     )
     assert offload.params == offload.optimizer == 0 and offload.cpu == 14 * psi / 8
     small_vocab = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=128)
-    acts = estimate(small_vocab, zero(0), 8)  # logits aside, checkpointing keeps ~1/34 per layer
+    acts = estimate(small_vocab, engine({"stage": 0}))  # logits aside, checkpointing keeps ~1/34
     assert acts.activations_checkpointed < acts.activations / 3

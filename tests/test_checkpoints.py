@@ -15,7 +15,8 @@ import pytest
 import torch
 from conftest import DEEPSPEED, PYTHON, REPO, TINY, overrides, read_metrics, run
 
-from launcher import checkpoint
+from launcher.checkpoints import store
+from launcher.checkpoints.contract import CheckpointMeta
 
 pytestmark = pytest.mark.integration
 
@@ -44,16 +45,31 @@ def copy_tag(run_dir: Path, tag: str, new_run: Path) -> Path:
     return new_run
 
 
+def to_v1_layout(tag_dir: Path) -> None:
+    """Rewrite a tag's zerolaunch.json in the layout zerolaunch 0.1 wrote (tests/assets holds
+    one such file from a real run): no format version, `bf16` instead of `precision`."""
+    template = json.loads((REPO / "tests" / "assets" / "zerolaunch_v1.json").read_text())
+    meta = json.loads((tag_dir / store.META_FILE).read_text())
+    meta["bf16"] = meta.pop("precision") == "bf16"
+    old = {key: meta[key] for key in template}
+    assert set(meta) - set(old) == {"format_version"}  # nothing else is new since 0.1
+    (tag_dir / store.META_FILE).write_text(json.dumps(old, indent=1))
+
+
 def losses(run_dir: Path, key: str = "Loss/train") -> dict[int, float]:
     return {m["step"]: m[key] for m in read_metrics(run_dir) if key in m}
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_resume_is_bit_for_bit(tiny_data: Path, tmp_path: Path, stage: int) -> None:
+@pytest.mark.parametrize(
+    ("stage", "layout"), [(1, "current"), (2, "0.1"), (3, "current")], ids=["1", "2-old", "3"]
+)
+def test_resume_is_bit_for_bit(tiny_data: Path, tmp_path: Path, stage: int, layout: str) -> None:
     config = f"ds_configs/zero{stage}.json"
     whole = tmp_path / "whole"
     deepspeed(2, config, *EXACT, f"data.train={tiny_data}", f"out_dir={whole}", "train.max_steps=8")
     resumed = copy_tag(whole, "global_step4", tmp_path / "resumed")
+    if layout == "0.1":  # a checkpoint written before the metadata had a version still resumes
+        to_v1_layout(resumed / "checkpoints" / "global_step4")
     result = deepspeed(
         2, config, *EXACT, f"data.train={tiny_data}", f"out_dir={resumed}", "train.max_steps=8"
     )
@@ -63,10 +79,8 @@ def test_resume_is_bit_for_bit(tiny_data: Path, tmp_path: Path, stage: int) -> N
     for step in continued:  # exactly equal: model, optimizer, data position and every RNG
         assert continued[step] == uninterrupted[step], (step, continued, uninterrupted)
     assert losses(resumed, "Loss/val")[8] == losses(whole, "Loss/val")[8]
-    run_ids = {
-        checkpoint.read_meta(d / "checkpoints" / "global_step8")["run_id"] for d in (whole, resumed)
-    }
-    assert run_ids == {checkpoint.read_meta(whole / "checkpoints" / "global_step4")["run_id"]}
+    run_ids = {store.read_meta(d / "checkpoints" / "global_step8").run_id for d in (whole, resumed)}
+    assert run_ids == {store.read_meta(whole / "checkpoints" / "global_step4").run_id}
 
 
 def _rank_process(launcher: subprocess.Popen, local_rank: int) -> psutil.Process:
@@ -110,8 +124,8 @@ def test_killed_save_falls_back_to_the_previous_complete_tag(
         time.sleep(0.2)
     _rank_process(launcher, 1).send_signal(signal.SIGKILL)
     assert launcher.wait(timeout=120) != 0
-    assert not (tag10 / checkpoint.META_FILE).exists()
-    assert checkpoint.read_pointer(out / "checkpoints", checkpoint.LATEST) == "global_step5"
+    assert not (tag10 / store.META_FILE).exists()
+    assert store.read_pointer(out / "checkpoints", store.LATEST) == "global_step5"
 
     listing = run([PYTHON, "-m", "launcher.ckpt", "list", str(out)]).stdout
     assert "global_step5" in listing and "complete (latest, best)" in listing
@@ -125,7 +139,7 @@ def test_killed_save_falls_back_to_the_previous_complete_tag(
     assert "resumed from" in again.stdout and "global_step5 at step 5" in again.stdout
     steps = [m["step"] for m in read_metrics(out) if "Loss/train" in m]
     assert steps == sorted(set(steps)) and steps[-1] == 20  # no step logged twice
-    assert [t for _, t in checkpoint.list_tags(out / "checkpoints")][-2:] == [
+    assert [t for _, t in store.list_tags(out / "checkpoints")][-2:] == [
         "global_step15",
         "global_step20",
     ]
@@ -185,11 +199,11 @@ def test_resume_at_another_world_size_or_stage(
         "train.max_steps=5",
     )
     assert "loading it in DeepSpeed's universal format" in result.stdout
-    assert (resumed / "checkpoints" / "global_step4_universal" / checkpoint.META_FILE).exists()
+    assert (resumed / "checkpoints" / "global_step4_universal" / store.META_FILE).exists()
     # Same global batch (8 sequences), same samples: the loss the original run had at step 5.
     assert losses(resumed)[5] == pytest.approx(losses(base_run)[5], abs=1e-5)
-    meta = checkpoint.read_meta(resumed / "checkpoints" / "global_step5")
-    assert meta["world_size"] == ranks and meta["consumed_samples"] == 40
+    meta = store.read_meta(resumed / "checkpoints" / "global_step5")
+    assert meta.world_size == ranks and meta.consumed_samples == 40
 
 
 def test_export_loads_in_transformers_with_equal_logits(base_run: Path, tmp_path: Path) -> None:
@@ -202,7 +216,7 @@ def test_export_loads_in_transformers_with_equal_logits(base_run: Path, tmp_path
         "config.json",
         "zerolaunch_tokenizer.json",
     }
-    from launcher.sample import load_run_model
+    from launcher.checkpoints.models import load_run_model
 
     ours, _ = load_run_model(base_run, None, torch.device("cpu"))
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
@@ -256,23 +270,23 @@ def test_missing_tags_and_non_checkpoints_are_clear_errors(
 
 
 def _fake_tag(ckpt_dir: Path, step: int, val: float) -> None:
-    tag = checkpoint.tag_for(step)
+    tag = store.tag_for(step)
     (ckpt_dir / tag).mkdir(parents=True)
     (ckpt_dir / tag / "shard.pt").write_bytes(b"x" * step)
-    meta = {"step": step, "val_loss": val, "val_step": step}
-    checkpoint._complete(ckpt_dir, tag, meta, keep_last=2)
+    meta = CheckpointMeta(step, 8 * step, "run", {}, 2, 2, "fp32", val_loss=val, val_step=step)
+    store.complete(ckpt_dir, tag, meta, keep_last=2)
 
 
 def test_best_follows_val_loss_and_survives_rotation(tmp_path: Path) -> None:
     ckpt_dir = tmp_path / "checkpoints"
     for step, val in [(10, 3.0), (20, 1.0), (30, 2.0), (40, 4.0), (50, 5.0)]:
         _fake_tag(ckpt_dir, step, val)
-    assert checkpoint.read_pointer(ckpt_dir, checkpoint.BEST) == "global_step20"
-    assert checkpoint.read_pointer(ckpt_dir, checkpoint.LATEST) == "global_step50"
-    assert [t for _, t in checkpoint.all_tags(ckpt_dir)] == [
+    assert store.read_pointer(ckpt_dir, store.BEST) == "global_step20"
+    assert store.read_pointer(ckpt_dir, store.LATEST) == "global_step50"
+    assert [t for _, t in store.all_tags(ckpt_dir)] == [
         "global_step20",
         "global_step40",
         "global_step50",
     ]
-    marker = json.loads((ckpt_dir / "global_step50" / checkpoint.META_FILE).read_text())
+    marker = json.loads((ckpt_dir / "global_step50" / store.META_FILE).read_text())
     assert marker["manifest"] == {"shard.pt": 50}

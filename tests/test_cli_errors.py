@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, TINY, overrides, run
+from conftest import PYTHON, TINY, ZEROLAUNCH, overrides, run
 
 
 def launch(*args: str, ds_config: str = "ds_configs/zero2.json"):
@@ -118,3 +118,33 @@ def test_prompt_outside_the_vocabulary_fails_before_training(
     )
     assert_user_error(result, "sample.prompt=", "not in the tokenizer's vocabulary")
     assert not (tmp_path / "r").exists()
+
+
+def test_misspelled_deepspeed_keys_are_listed_with_every_other_problem(tmp_path: Path) -> None:
+    ds = tmp_path / "typo.json"
+    ds.write_text(
+        json.dumps({"zero_optimization": {"stage": 2, "overlap_com": True}, "bf16": {"enabld": 1}})
+    )
+    data = tmp_path / "nodata"
+    result = run(
+        [ZEROLAUNCH, "check", "--ds_config", str(ds), *overrides(f"data.train={data}")],
+        check=False,
+    )
+    assert_user_error(result, "error: 3 problems:\n")
+    lines = result.stderr.splitlines()
+    overlap = '"overlap_com" is not a key of the "zero_optimization" section'
+    assert f'- {ds}: {overlap}; did you mean "overlap_comm"?' in lines
+    assert f'- {ds}: "enabld" is not a key of the "bf16" section; did you mean "enabled"?' in lines
+    assert any(line.startswith(f"- data: no prepared dataset at {data}") for line in lines)
+
+
+def test_the_zerolaunch_command_refuses_what_it_cannot_run(tmp_path: Path) -> None:
+    bare = run([ZEROLAUNCH], check=False)
+    assert bare.returncode == 2 and "commands:" in bare.stdout and "train" in bare.stdout
+    typo = run([ZEROLAUNCH, "trian"], check=False)
+    assert typo.returncode == 2 and "unknown command 'trian'" in typo.stderr
+    both = run(
+        [ZEROLAUNCH, "check", "--deepspeed", "ds_configs/zero3.json", "--ds_config", "x.json"],
+        check=False,
+    )
+    assert_user_error(both, "name two different DeepSpeed configs")

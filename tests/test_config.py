@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import DEFAULT_SPEC, RunSpec, SpecError, load_spec
+from launcher.config import RunSpec, SpecError, load_spec
+from launcher.config.paths import DEFAULT_SPEC
 
 SPECS = sorted((Path(__file__).parent.parent / "launcher" / "specs").glob("*.yaml"))
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import PYTHON, TINY, overrides, read_metrics, run
 
-from launcher import slurm, stopping
-from launcher.config import parse_duration
-from launcher.distributed import DistEnv, LaunchEnvError, detect_env
+from launcher.config.spec import parse_duration
 from launcher.errors import EXIT_REQUEUE
+from launcher.runtime import slurm, stopping
+from launcher.runtime.distributed import DistEnv, LaunchEnvError, detect_env
 
 
 def test_torchrun_and_deepspeed_variables_win() -> None:
@@ -122,15 +122,8 @@ class Clock:
 
 def test_time_limit_stops_while_one_more_step_and_a_save_still_fit() -> None:
     clock = Clock()
-    stopper = stopping.Stopper(
-        device=torch.device("cpu"),
-        is_main=True,
-        time_limit_s=100.0,
-        started_wall=1000.0,
-        slurm_job_id=None,
-        checkpoint_bytes=0,
-        clock=clock,
-    )
+    deadline = stopping.Deadline.after(100.0, started_wall=1000.0, clock=clock)
+    stopper = stopping.Stopper(torch.device("cpu"), deadline, checkpoint_bytes=0)
     stopper.saved(4.0)  # a timed save replaces the guess
     decisions = []
     while clock.now < 1100:
@@ -150,14 +143,7 @@ def test_a_signal_asks_for_a_stop_instead_of_killing(monkeypatch) -> None:
     previous = {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS}
     try:
         stopping.install_signal_handlers()
-        stopper = stopping.Stopper(
-            device=torch.device("cpu"),
-            is_main=True,
-            time_limit_s=None,
-            started_wall=0.0,
-            slurm_job_id=None,
-            checkpoint_bytes=0,
-        )
+        stopper = stopping.Stopper(torch.device("cpu"), stopping.Deadline(None), checkpoint_bytes=0)
         assert stopper.poll() is None
         signal.raise_signal(signal.SIGUSR1)
         assert stopper.poll() == "received SIGUSR1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.gpt import GPT, GPTConfig, flops_per_token, param_groups
+from model.gpt import GPT, GPTConfig, count_params, flops_per_token, param_groups
 
 GPT2_124M = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)
 
@@ -24,12 +24,14 @@ def test_gpt2_124m_parameter_count() -> None:
         model = GPT(GPT2_124M)
     assert model.num_params() == 124_439_808  # GPT-2 small, tied embeddings
     assert model.num_params(non_embedding=True) == 124_439_808 - 1024 * 768
+    assert count_params(GPT2_124M) == 124_439_808  # the same, without building real tensors
+    assert count_params(GPT2_124M, non_embedding=True) == 124_439_808 - 1024 * 768
 
 
 def test_gpt2_124m_flops_per_token() -> None:
     n = 124_439_808 - 1024 * 768
     # 6N + 12 * L * H * Q * T with L=12, H=12, Q=64, T=1024
-    assert flops_per_token(GPT2_124M, n) == 6 * n + 12 * 12 * 12 * 64 * 1024 == 855_166_464
+    assert flops_per_token(GPT2_124M) == 6 * n + 12 * 12 * 12 * 64 * 1024 == 855_166_464
 
 
 def test_shapes_and_loss() -> None:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
+import os
+import pty
+import struct
+import subprocess
+import termios
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PYTHON, corpus_documents, run, write_corpus
+from conftest import PYTHON, REPO, corpus_documents, run, write_corpus
 
 from data_pipeline.indexed import IndexedDataset
 from data_pipeline.tokenizers import load_tokenizer
@@ -236,3 +242,40 @@ def test_ids_that_do_not_fit_the_token_type_are_refused(monkeypatch) -> None:
     monkeypatch.setattr(prep, "_worker_dtype", np.dtype(np.uint8))
     with pytest.raises(prep.PrepareError, match="token id 300 does not fit"):
         prep.encode_chunk(["".join(chars)])
+
+
+def test_progress_bar_only_on_a_terminal(corpus: Path, tmp_path: Path) -> None:
+    cmd = [PYTHON, "-m", "data_pipeline.prepare", "--input", str(corpus), "--workers", "1"]
+    # Piped, as in a Slurm log or CI: no bar, no carriage returns, just the summary line.
+    piped = run([*cmd, "--out", str(tmp_path / "piped")])
+    assert "\r" not in piped.stderr and "tokenizing" not in piped.stderr
+    assert piped.stdout.startswith(f"prepared {tmp_path / 'piped'}.bin/.idx/.json: 5 documents")
+    # On a terminal: tqdm's bar (bytes read, rate, tokens and documents so far).
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 120 columns
+    with subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "tty")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        text=True,
+    ) as proc:
+        os.close(terminal)
+        stdout = proc.stdout.read()
+        shown = _read_all(controller)
+    assert proc.returncode == 0 and stdout.startswith("prepared ")
+    assert "tokenizing" in shown and "\r" in shown and "docs=5" in shown
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the other side closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode(errors="replace")

@@ -11,7 +11,7 @@ import torch
 
 from data_pipeline.gpt_dataset import Blend, BlendedSamples, DocumentRange, GPTSamples, carve
 from data_pipeline.indexed import IndexedDataset, IndexedDatasetWriter
-from launcher.train import Batches
+from launcher.training.step import Batches
 
 SEQ = 16
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from launcher.config import TrainConfig
-from launcher.schedule import global_batch_size, lr_at, tokens_per_step
+from launcher.config.ds_config import global_batch_size
+from launcher.config.spec import TrainConfig
+from launcher.training.schedule import lr_at, rank_sample_indices
 
 
 def test_warmup_rises_linearly_to_peak() -> None:
@@ -33,5 +35,15 @@ def test_explicit_decay_steps() -> None:
 
 def test_batch_arithmetic() -> None:
     assert global_batch_size(8, 4, 16) == 512
-    t = TrainConfig(micro_batch_size=12, grad_accum_steps=5)
-    assert tokens_per_step(t, dp_size=8, block_size=1024) == 12 * 5 * 8 * 1024
+
+
+@pytest.mark.parametrize("micro,accum,ranks", [(4, 1, 2), (2, 2, 2), (1, 2, 4), (8, 1, 1)])
+def test_every_layout_reads_the_same_samples_per_step(micro: int, accum: int, ranks: int) -> None:
+    # Global batch 8 however it is split: step s reads exactly samples [8s, 8s + 8), each once.
+    for step in range(3):
+        read = [
+            rank_sample_indices(step, m, micro, accum, ranks, r)
+            for m in range(accum)
+            for r in range(ranks)
+        ]
+        assert sorted(np.concatenate(read).tolist()) == list(range(8 * step, 8 * step + 8))

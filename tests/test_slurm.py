@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, TINY, read_metrics
 from wandb_file import history, run_record
 
-from launcher.checkpoint import LATEST
+from launcher.checkpoints.store import LATEST
 
 pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DEEPSPEED, PYTHON, TINY, overrides, read_metrics, run
+from conftest import DEEPSPEED, PYTHON, TINY, ZEROLAUNCH, overrides, read_metrics, run
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,9 @@ def test_deepspeed_zero2_two_ranks_trains_checkpoints_and_resumes(
     shutil.rmtree(out)
 
 
-def test_plain_python_single_process_with_blended_data(tiny_data: Path, tmp_path: Path) -> None:
+def test_zerolaunch_train_from_another_folder_with_blended_data(
+    tiny_data: Path, tmp_path: Path
+) -> None:
     # A second dataset with the same tokenizer: blended 3:1 with the first.
     other = tmp_path / "other" / "copy"
     other.parent.mkdir()
@@ -70,8 +72,12 @@ def test_plain_python_single_process_with_blended_data(tiny_data: Path, tmp_path
         shutil.copyfile(f"{tiny_data}{suffix}", f"{other}{suffix}")
     out = tmp_path / "single"
     blend = f"data.train=[{{path: {tiny_data}, weight: 3}}, {{path: {other}, weight: 1}}]"
-    cmd = [PYTHON, "launcher/run.py", "--ds_config", "ds_configs/zero0.json"]
-    result = run([*cmd, *overrides(*TINY, blend, f"out_dir={out}", "train.max_steps=10")])
+    # The installed command, one process, run outside the checkout: the default spec and the
+    # shipped DeepSpeed JSON (named the Hugging Face way) are found in the project.
+    cmd = [ZEROLAUNCH, "train", "--deepspeed", "ds_configs/zero0.json"]
+    items = overrides(*TINY, blend, f"out_dir={out}", "train.max_steps=10")
+    result = run([*cmd, *items], cwd=tmp_path)
+    assert "run shakespeare_char" in result.stdout  # launcher/specs/shakespeare_char.yaml
     assert "ZeRO stage 0, 1 rank(s)" in result.stdout
     assert "data: stdlib x3, copy x1" in result.stdout
     last = read_metrics(out)[-1]
@@ -108,10 +114,10 @@ def test_torchrun_zero3_two_processes(tiny_data: Path, tmp_path: Path) -> None:
     assert "--- sample ---" in result.stdout
     metrics = read_metrics(out)
     assert metrics[-1]["step"] == 10 and "Loss/val" in metrics[-1]
-    sample = run([PYTHON, "-m", "launcher.sample", "--run", str(out), "--max-new-tokens", "5"])
+    sample = run([ZEROLAUNCH, "sample", "--run", str(out), "--max-new-tokens", "5"])
     assert sample.stdout.startswith("What is an LLM?")
     # Sharded parameters consolidate into the Hugging Face layout too.
-    run([PYTHON, "-m", "launcher.export", "--run", str(out), "--out", str(tmp_path / "hf")])
+    run([ZEROLAUNCH, "export", "--run", str(out), "--out", str(tmp_path / "hf")])
     exported = run(
         [
             PYTHON,

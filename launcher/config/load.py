@@ -1,7 +1,7 @@
-"""The run spec: one dataclass per section, loaded strictly from YAML plus `--set` overrides.
+"""Reading a run spec: strict YAML plus `--set` overrides, every problem reported together.
 
-Every problem found (unknown key, wrong type, bad value) is collected and reported together in
-one SpecError, each naming its dotted key and what to do.
+Every problem found (unknown key, wrong type, bad value) is collected into one SpecError, each
+naming its dotted key and what to do.
 """
 
 from __future__ import annotations
@@ -10,195 +10,29 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from launcher.config.paths import DEFAULT_SPEC, display_path, find_config
+from launcher.config.spec import RunSpec
 from launcher.errors import UserError
-from model.gpt import GPTConfig
-
-DEFAULT_SPEC = Path(__file__).parent / "specs" / "shakespeare_char.yaml"
-
-
-@dataclass
-class DataSource:
-    """One indexed dataset (PREFIX.bin/.idx/.json) and its share of a blend."""
-
-    path: str = "data/shakespeare_char"
-    """Prefix written by `python -m data_pipeline.prepare --out PREFIX`."""
-    weight: float = 1.0
-    """Relative share of samples when several sources are blended."""
-
-
-@dataclass
-class DataConfig:
-    """Training and validation data: indexed datasets, blended by weight."""
-
-    train: list[DataSource] = field(default_factory=lambda: [DataSource()])
-    """Training sources: a prefix, a list of prefixes, or a list of {path, weight}."""
-    val: list[DataSource] | None = None
-    """Validation sources (same forms); null = carve val_fraction of each train source."""
-    val_fraction: float | None = None
-    """Fraction of documents (the last ones) carved off for val; null = what prepare recorded."""
-    index_cache: str | None = None
-    """Directory for the cached sample index; null = PREFIX.cache beside each dataset."""
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation: batch sizes, AdamW, the LR schedule, logging cadence."""
-
-    max_steps: int = 1000
-    """Optimizer steps to train for (the run ends at this step, resumed or not)."""
-    micro_batch_size: int = 8
-    """Sequences per rank per forward/backward."""
-    grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    lr: float = 1e-3
-    """Peak learning rate, reached at the end of warmup."""
-    min_lr: float = 1e-4
-    """Floor of the cosine decay."""
-    warmup_steps: int = 100
-    """Linear warmup from 0 to lr over this many steps."""
-    lr_decay_steps: int | None = None
-    """Step at which cosine decay reaches min_lr; null = max_steps."""
-    weight_decay: float = 0.1
-    """AdamW weight decay for matrices (never biases, norms or embeddings)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip; 0 disables it."""
-    seed: int = 1337
-    """Seed for initialisation, data order and sampling."""
-    log_interval: int = 10
-    """Steps between log lines (and metrics.jsonl records)."""
-    time_limit: int | str | None = None
-    """Wall-time budget of one process: seconds, or Slurm's [D-]HH:MM:SS; the run saves and
-    exits (code 75) before it runs out. Under Slurm the job's own limit applies too."""
-
-    @property
-    def time_limit_s(self) -> float | None:
-        return parse_duration(self.time_limit) if self.time_limit is not None else None
-
-
-@dataclass
-class EvalConfig:
-    """Validation loss during training."""
-
-    interval: int = 100
-    """Steps between evaluations (and after the last step); 0 disables evaluation."""
-    batches: int = 20
-    """Micro-batches per rank in each evaluation."""
-    patience: int = 3
-    """Overfitting: evaluations in a row with val above its best by more than min_delta."""
-    min_delta: float = 0.0
-    """Overfitting: how far above its best val must be for an evaluation to count as a rise."""
-    early_stop: bool = False
-    """On overfitting, save a final checkpoint and stop cleanly."""
-
-
-@dataclass
-class CheckpointConfig:
-    """Sharded DeepSpeed checkpoints under out_dir/checkpoints."""
-
-    interval: int = 500
-    """Steps between checkpoints; one is always written at the end; 0 = only at the end."""
-    keep_last: int = 3
-    """Checkpoints kept; older ones are deleted after a newer one is saved; 0 keeps all."""
-    resume: str = "auto"
-    """'auto' = newest checkpoint in out_dir/checkpoints if any, 'none', or a checkpoint path."""
-
-
-@dataclass
-class SampleConfig:
-    """Text generated at the end of training."""
-
-    prompt: str = "What is an LLM?"
-    """Text the sample continues."""
-    max_new_tokens: int = 200
-    """Tokens generated; 0 skips the sample."""
-    temperature: float = 0.8
-    """Softmax temperature; 0 = greedy."""
-    top_k: int | None = 200
-    """Sample only among the k most likely tokens; null = all."""
-
-
-@dataclass
-class WandbConfig:
-    """Weights & Biases: rank 0 logs every metric; a failure warns once and training goes on."""
-
-    enabled: bool = True
-    """Log to wandb at all (metrics.jsonl is always written)."""
-    project: str = "zerolaunch"
-    """wandb project."""
-    entity: str | None = None
-    """wandb entity (user or team); null = your default."""
-    name: str | None = None
-    """Display name; null = the run spec's name."""
-    group: str | None = None
-    """wandb group, e.g. to gather the runs of a sweep."""
-    tags: list[str] = field(default_factory=list)
-    """wandb tags."""
-    mode: str | None = None
-    """online, offline or disabled; null = online with an API key configured, else offline."""
-
-
-@dataclass
-class MonitorConfig:
-    """Metrics: where they go and how throughput is measured."""
-
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    peak_flops: float | None = None
-    """Peak FLOP/s of one device for MFU; null = the device table (GPUs) or a measured matmul
-    peak (CPUs)."""
-    detailed_timing: bool = True
-    """Time forward and backward separately (CUDA events on GPUs, no extra synchronisation)."""
-
-
-@dataclass
-class RunSpec:
-    """The whole run: it only composes the sections."""
-
-    name: str = "run"
-    """Run name; also the default output directory runs/<name>."""
-    out_dir: str | None = None
-    """Where checkpoints, metrics and the resolved spec go; null = runs/<name>."""
-    model: GPTConfig = field(default_factory=GPTConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir if self.out_dir is not None else Path("runs") / self.name)
 
 
 class SpecError(UserError):
     """One or more problems in a run spec, reported together."""
 
     def __init__(self, source: str, problems: list[str]) -> None:
-        self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         noun = "problem" if len(problems) == 1 else "problems"
-        super().__init__(f"run spec {source}: {len(problems)} {noun}:\n{lines}")
+        super().__init__(
+            f"run spec {source}: {len(problems)} {noun}:\n{lines}",
+            [f"run spec {source}: {p}" for p in problems],
+        )
 
 
 # ---------------------------------------------------------------------------------- loading
-
-
-def display_path(path: Path) -> str:
-    """A path as the user would type it: relative to the working directory when inside it."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def _type_name(tp: Any) -> str:
@@ -345,7 +179,7 @@ def read_yaml(path: Path) -> dict:
 
 def load_spec(path: Path | None = None, overrides: list[str] | None = None) -> RunSpec:
     """Load, override and validate a run spec; raises SpecError listing every problem."""
-    path = Path(path) if path is not None else DEFAULT_SPEC
+    path = find_config(Path(path)) if path is not None else DEFAULT_SPEC
     raw = apply_overrides(read_yaml(path), overrides or [])
     source = display_path(path) + (" with --set overrides" if overrides else "")
     problems: list[str] = []
@@ -358,27 +192,6 @@ def load_spec(path: Path | None = None, overrides: list[str] | None = None) -> R
 
 
 # ------------------------------------------------------------------------------- validation
-
-
-def parse_duration(value: int | str) -> float:
-    """Seconds from an int, '90s', '45m', '2h', or Slurm's 'MM:SS', 'HH:MM:SS', 'D-HH:MM:SS'."""
-    if isinstance(value, int):
-        return float(value)
-    text = value.strip()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        if text[-1:] in units:
-            return float(text[:-1]) * units[text[-1]]
-        days, _, clock = text.rpartition("-")
-        parts = [float(p) for p in clock.split(":")]
-        if not 1 <= len(parts) <= 3 or (days and len(parts) == 1):
-            raise ValueError(text)
-        seconds = sum(v * 60**i for i, v in enumerate(reversed(parts)))
-        return seconds + (float(days) * 86400 if days else 0.0)
-    except ValueError:
-        raise ValueError(
-            f"{value!r} is not a duration: give seconds, '45m', '2h' or [D-]HH:MM:SS"
-        ) from None
 
 
 def _check_min(problems: list[str], section: Any, prefix: str, minimum: float, *keys: str) -> None:

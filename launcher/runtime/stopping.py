@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launcher import slurm
+from launcher.runtime import slurm
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 SLURM_RECHECK_S = 300.0
@@ -50,34 +50,53 @@ def received_signal() -> int:
     return _received[-1] if _received else 0
 
 
+class Deadline:
+    """When the run must be over: `train.time_limit` after the process started, or the end of
+    the Slurm job (rank 0 reads it with scontrol, again every SLURM_RECHECK_S), whichever is
+    first."""
+
+    def __init__(
+        self,
+        own: float | None,
+        slurm_job_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.own, self.slurm_job_id, self.clock = own, slurm_job_id, clock
+        self.slurm_end: float | None = None
+        self.slurm_checked = -float("inf")
+
+    @classmethod
+    def after(cls, time_limit_s: float | None, started_wall: float, **kwargs) -> Deadline:
+        """The deadline of a process started at `started_wall` with this budget (or none)."""
+        return cls(started_wall + time_limit_s if time_limit_s else None, **kwargs)
+
+    def at(self, now: float) -> float | None:
+        """The deadline as known at `now` (None: no limit)."""
+        if self.slurm_job_id and now - self.slurm_checked > SLURM_RECHECK_S:
+            self.slurm_end, self.slurm_checked = slurm.job_end_time(self.slurm_job_id), now
+        limits = [d for d in (self.own, self.slurm_end) if d is not None]
+        return min(limits) if limits else None
+
+
 class Stopper:
     """Asked at every step boundary, gives the same answer on every rank: stop now, and why."""
 
     def __init__(
         self,
-        *,
         device: torch.device,
-        is_main: bool,
-        time_limit_s: float | None,
-        started_wall: float,
-        slurm_job_id: str | None,
+        deadline: Deadline,
         checkpoint_bytes: int,
         stop_file: str | None = None,
-        clock: Callable[[], float] = time.time,
     ) -> None:
-        self.device = device
-        self.is_main = is_main
-        self.clock = clock
-        self.own_deadline = started_wall + time_limit_s if time_limit_s else None
-        self.slurm_job_id = slurm_job_id if is_main else None
-        self.slurm_end: float | None = None
-        self.slurm_checked = -float("inf")
-        self.stop_file = Path(stop_file) if stop_file and is_main else None
+        """`stop_file` (rank 0's): its appearance asks for a stop; `checkpoint_bytes` guesses
+        how long a save takes until one has been timed."""
+        self.device, self.deadline, self.clock = device, deadline, deadline.clock
+        self.stop_file = Path(stop_file) if stop_file else None
         self.stop_note = ""
         self.slowest_step = 0.0
         self.slowest_save = 5.0 + checkpoint_bytes / SAVE_BYTES_PER_S
         self.save_timed = False
-        self.last_boundary = clock()
+        self.last_boundary = self.clock()
 
     def saved(self, seconds: float) -> None:
         """A checkpoint save took this long (the first real timing replaces the guess)."""
@@ -102,14 +121,8 @@ class Stopper:
             return f"stop requested ({self.stop_note or 'ZEROLAUNCH_STOP_FILE exists'})"
         return None
 
-    def deadline(self, now: float) -> float | None:
-        if self.slurm_job_id and now - self.slurm_checked > SLURM_RECHECK_S:
-            self.slurm_end, self.slurm_checked = slurm.job_end_time(self.slurm_job_id), now
-        limits = [d for d in (self.own_deadline, self.slurm_end) if d is not None]
-        return min(limits) if limits else None
-
     def _deadline_near(self, now: float) -> bool:
-        deadline = self.deadline(now)
+        deadline = self.deadline.at(now)
         if deadline is None:
             return False
         # One more step, then a save, with room for both to run slower than the slowest yet.

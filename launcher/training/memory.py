@@ -5,9 +5,9 @@ parameters and gradients at the training precision (2 bytes in bf16/fp16, 4 in f
 optimizer holding an fp32 master copy plus Adam's two moments (12 bytes; 8 in plain fp32 ZeRO-0,
 where the parameters are the master copy). Stage 1 shards the optimizer, stage 2 the gradients
 too, stage 3 the parameters too; offload moves the optimizer (and with stage 3 the parameters)
-to CPU memory. Activations follow Korthikanti et al. (2022): 34 s b h bytes per layer in 16 bits
-(attention scores are not kept: SDPA's fused kernels), only the layer inputs with full
-checkpointing plus one layer being recomputed.
+to CPU memory (to NVMe: off both). Activations follow Korthikanti et al. (2022): 34 s b h bytes
+per layer in 16 bits (attention scores are not kept: SDPA's fused kernels), only the layer
+inputs with full checkpointing plus one layer being recomputed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from model.gpt import GPT, GPTConfig
+from launcher.config.ds_config import EngineSettings
+from model.gpt import GPTConfig, count_params
 
 GIB = 2**30
 
@@ -40,12 +41,6 @@ class Estimate:
         return self.params + self.grads + self.optimizer + acts + self.buffers
 
 
-def count_params(config: GPTConfig) -> int:
-    """Parameters of a model shape, counted on the meta device (any size in no time)."""
-    with torch.device("meta"):
-        return GPT(config).num_params()
-
-
 def activation_bytes(config: GPTConfig, micro_batch: int, dtype_bytes: int) -> tuple[float, float]:
     """(without checkpointing, with full checkpointing) activation bytes for one micro-batch."""
     s, b, h, layers = config.block_size, micro_batch, config.n_embd, config.n_layer
@@ -57,32 +52,29 @@ def activation_bytes(config: GPTConfig, micro_batch: int, dtype_bytes: int) -> t
     return full, checkpointed
 
 
-def estimate(
-    config: GPTConfig, ds_config: dict, world_size: int, stage: int | None = None
-) -> Estimate:
-    """Per-device memory for this model under ZeRO `stage` (default: the config's) at W ranks."""
-    zero = ds_config.get("zero_optimization", {})
-    stage = zero.get("stage", 0) if stage is None else stage
-    half = any(ds_config.get(k, {}).get("enabled") is True for k in ("bf16", "fp16"))
+def estimate(config: GPTConfig, engine: EngineSettings) -> Estimate:
+    """Per-device memory for this model under the engine's ZeRO stage, precision, offload and
+    data-parallel size (`engine.at_stage(s)` for another stage)."""
+    stage, w = engine.zero_stage, engine.dp_size
     p = count_params(config)
-    w = world_size
-    width = 2 if half else 4
+    width = 2 if engine.half else 4
     params = p * width / (w if stage >= 3 else 1)
     grads = p * width / (w if stage >= 2 else 1)
-    optimizer_bytes = 12 if (half or stage >= 1) else 8
+    optimizer_bytes = 12 if (engine.half or stage >= 1) else 8
     optimizer = p * optimizer_bytes / (w if stage >= 1 else 1)
     cpu = 0.0
-    if zero.get("offload_optimizer", {}).get("device") == "cpu" and stage >= 1:
-        cpu, optimizer = cpu + optimizer, 0.0
-    if zero.get("offload_param", {}).get("device") == "cpu" and stage >= 3:
-        cpu, params = cpu + params, 0.0
-    micro = ds_config.get("train_micro_batch_size_per_gpu", 1)
-    acts, acts_ckpt = activation_bytes(config, micro, width)
+    if engine.offload_optimizer != "none" and stage >= 1:  # nvme: off the device, not in RAM
+        cpu += optimizer if engine.offload_optimizer == "cpu" else 0.0
+        optimizer = 0.0
+    if engine.offload_param != "none" and stage >= 3:
+        cpu += params if engine.offload_param == "cpu" else 0.0
+        params = 0.0
+    acts, acts_ckpt = activation_bytes(config, engine.micro_batch_size, width)
     buffers = 0.0
     if stage >= 1:
-        buffers += 4 * float(zero.get("reduce_bucket_size", 5e8))
+        buffers += 4 * float(engine.reduce_bucket_size)
     if stage >= 3:
-        buffers += width * float(zero.get("stage3_prefetch_bucket_size", 5e7))
+        buffers += width * float(engine.prefetch_bucket_size)
     return Estimate(params, grads, optimizer, acts, acts_ckpt, buffers, cpu)
 
 

@@ -1,92 +1,17 @@
-"""What a run reports: metrics.jsonl, one console line per log step, wandb, overfitting alerts.
+"""Where rank 0's metrics go: metrics.jsonl plus one console line per log step, and wandb.
 
 Metric names are the interface (dashboards use them): `Training/*`, `Loss/*`, `Timing/*`,
-`Memory/peak_gib`, `Data/*`. Only rank 0 writes; every value is already reduced over ranks.
+`Memory/peak_gib`, `Data/*`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from launcher.config import WandbConfig
-
-
-class StepTimer:
-    """Marks in the step (start, forward done, backward+step done) without synchronising.
-
-    On GPUs marks are CUDA events, read once per log line after one synchronise; on CPUs they
-    are wall-clock times.
-    """
-
-    def __init__(self, device: torch.device, detailed: bool) -> None:
-        self.cuda = device.type == "cuda"
-        self.detailed = detailed
-        self.steps: list[list[tuple[Any, Any, Any]]] = []  # per step: (start, fwd, bwd) per micro
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def _seconds(self, a: Any, b: Any) -> float:
-        return a.elapsed_time(b) / 1000.0 if self.cuda else b - a
-
-    def collect(self) -> dict[str, float]:
-        """Sums over the steps since the last call: step, forward and backward seconds."""
-        if self.cuda:
-            torch.cuda.synchronize()
-        out = {"step": 0.0, "forward": 0.0, "backward": 0.0, "last_step": 0.0, "steps": 0}
-        for micro in self.steps:
-            step_time = self._seconds(micro[0][0], micro[-1][2])
-            out["step"] += step_time
-            out["last_step"] = step_time
-            out["steps"] += 1
-            for start, fwd, bwd in micro:
-                if fwd is not None:
-                    out["forward"] += self._seconds(start, fwd)
-                    out["backward"] += self._seconds(fwd, bwd)
-        self.steps = []
-        return out
-
-
-@dataclass
-class OverfitDetector:
-    """Fires once when val has been above its best by more than min_delta for `patience`
-    evaluations in a row (while train may keep falling)."""
-
-    patience: int
-    min_delta: float
-    best_val: float = math.inf
-    best_step: int = -1
-    rises: int = 0
-    fired_at: int | None = None
-
-    def update(self, step: int, val: float) -> bool:
-        """Take one evaluation; True when this one makes the detector fire."""
-        if val < self.best_val:
-            self.best_val, self.best_step, self.rises = val, step, 0
-        elif val > self.best_val + self.min_delta:
-            self.rises += 1
-        else:
-            self.rises = 0
-        if self.rises >= self.patience and self.fired_at is None:
-            self.fired_at = step
-            return True
-        return False
-
-    def state(self) -> dict:
-        return asdict(self)
+from launcher.config.spec import WandbConfig
 
 
 def resolve_wandb_mode(mode: str | None) -> str:
@@ -169,14 +94,12 @@ class WandbSink:
 
 
 class MetricsLog:
-    """`metrics.jsonl` (one object per log step or event) and the console line, rank 0 only."""
+    """`metrics.jsonl` (one object per log step or event) and the console line."""
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
         self.last_val: float | None = None  # printed on every line once known
-        self.records: list[dict] = []
-        if enabled:
-            self._truncate_after(resume_step)
+        self._truncate_after(resume_step)
 
     def _truncate_after(self, step: int) -> None:
         """Drop records past the resumed step (a crash after the last checkpoint leaves some)."""
@@ -185,15 +108,11 @@ class MetricsLog:
             records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
             kept = [r for r in records if r.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.records = kept
         self.last_val = next((r["Loss/val"] for r in reversed(kept) if "Loss/val" in r), None)
 
     def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        self.records.append(record)
         if "event" not in record:
             print(self.line(record), flush=True)
 
@@ -211,3 +130,22 @@ class MetricsLog:
             parts.append(f"{1000 * r['Timing/dt_avg']:.1f} ms/step")
             parts.append(f"mfu {r['Loss/mfu']:.1f}%")
         return " | ".join(parts)
+
+
+class Sinks:
+    """Rank 0's outputs together: metrics.jsonl (and the console line) and wandb."""
+
+    def __init__(self, log: MetricsLog, wandb: WandbSink) -> None:
+        self.log, self.wandb = log, wandb
+
+    def write(self, step: int, record: dict) -> None:
+        self.log.write({"step": step, **record})
+        self.wandb.log(record, step=step)
+
+    def event(self, record: dict, title: str, text: str) -> None:
+        """A one-off event (e.g. overfitting): a metrics.jsonl record and a wandb alert."""
+        self.log.write(record)
+        self.wandb.alert(title, text)
+
+    def finish(self) -> None:
+        self.wandb.finish()

@@ -1,4 +1,4 @@
-"""Pure functions of the step: learning rate and batch arithmetic."""
+"""Pure functions of the step: the learning rate, and which samples each rank reads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import math
 
 import numpy as np
 
-from launcher.config import TrainConfig
+from launcher.config.ds_config import global_batch_size
+from launcher.config.spec import TrainConfig
 
 
 def lr_at(step: int, train: TrainConfig) -> float:
@@ -23,15 +24,6 @@ def lr_at(step: int, train: TrainConfig) -> float:
     return train.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (train.lr - train.min_lr)
 
 
-def global_batch_size(micro_batch_size: int, grad_accum_steps: int, dp_size: int) -> int:
-    """Sequences per optimizer step across all data-parallel ranks."""
-    return micro_batch_size * grad_accum_steps * dp_size
-
-
-def tokens_per_step(train: TrainConfig, dp_size: int, block_size: int) -> int:
-    return global_batch_size(train.micro_batch_size, train.grad_accum_steps, dp_size) * block_size
-
-
 def rank_sample_indices(
     step: int, micro_step: int, micro_batch: int, grad_accum: int, dp_size: int, dp_rank: int
 ) -> np.ndarray:
@@ -40,6 +32,6 @@ def rank_sample_indices(
     Step s consumes exactly [s*G, (s+1)*G) with G = micro_batch * grad_accum * dp_size, whatever
     the number of ranks: the data a step sees depends only on s and G.
     """
-    global_batch = micro_batch * grad_accum * dp_size
+    global_batch = global_batch_size(micro_batch, grad_accum, dp_size)
     start = step * global_batch + (micro_step * dp_size + dp_rank) * micro_batch
     return np.arange(start, start + micro_batch)

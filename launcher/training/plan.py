@@ -20,12 +20,16 @@ from data_pipeline.loader import (
     split_ranges,
 )
 from data_pipeline.tokenizers import Tokenizer
-from launcher import checkpoint
-from launcher.config import DEFAULT_SPEC, RunSpec, display_path, load_spec
-from launcher.distributed import DistEnv, bf16_supported, detect_env, device_type
-from launcher.ds_config import load_ds_config, merge_ds_config, zero_stage
-from launcher.errors import UserError
-from launcher.schedule import tokens_per_step
+from launcher.checkpoints import store
+from launcher.checkpoints.contract import CheckpointMeta
+from launcher.checkpoints.universal import needs_universal
+from launcher.config.ds_config import EngineSettings, load_ds_config, resolve_engine
+from launcher.config.load import load_spec
+from launcher.config.paths import DEFAULT_SPEC, display_path
+from launcher.config.spec import RunSpec
+from launcher.errors import UserError, combined
+from launcher.runtime.distributed import DistEnv, bf16_supported, detect_env, device_type
+from launcher.training.memory import GIB, Estimate, estimate
 
 VOCAB_MULTIPLE = 64
 
@@ -58,7 +62,7 @@ class Resume:
     """The checkpoint a run continues from."""
 
     tag_dir: Path
-    meta: dict
+    meta: CheckpointMeta
     universal: bool
     """Written by another world size or ZeRO stage: loaded through DeepSpeed's universal format."""
 
@@ -68,28 +72,29 @@ class RunPlan:
     """A validated run, ready to start."""
 
     spec: RunSpec
-    ds_config: dict
+    engine: EngineSettings
     env: DistEnv
     data: DataPlan
     resume: Resume | None
     warnings: list[str]
     run_id: str
     """Stable across resumes (stored in every checkpoint): the monitor's run id."""
+    memory: Estimate
+    """Per-device memory estimate at the configured stage."""
     device: str = "cpu"
     """cuda or cpu: what the run trains on."""
 
     def summary(self) -> str:
-        m, t = self.spec.model, self.spec.train
+        m, e = self.spec.model, self.engine
         lines = [
             f"run {self.spec.name} -> {self.spec.run_dir}",
             f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
             f"vocab {m.vocab_size} (tokenizer {self.data.vocab_size})",
             self.data.describe(),
-            f"engine: ZeRO stage {zero_stage(self.ds_config)}, {self.env.world_size} rank(s) on "
-            f"{self.device} ({self._ranks_line()}), "
-            f"bf16 {bool(self.ds_config.get('bf16', {}).get('enabled'))}, "
-            f"batch {self.ds_config['train_batch_size']} sequences = "
-            f"{tokens_per_step(t, self.env.world_size, m.block_size):,} tokens/step",
+            f"engine: ZeRO stage {e.zero_stage}, {self.env.world_size} rank(s) on "
+            f"{self.device} ({self._ranks_line()}), {e.precision}, "
+            f"batch {e.train_batch_size} sequences = "
+            f"{e.train_batch_size * m.block_size:,} tokens/step",
             self._memory_line(),
             f"resume: {self._resume_line()}",
         ]
@@ -101,15 +106,13 @@ class RunPlan:
         return f"{env.local_world_size} per node, {nodes} node(s), started by {env.launcher}"
 
     def _memory_line(self) -> str:
-        from launcher.memory import GIB, estimate
-
-        est = estimate(self.spec.model, self.ds_config, self.env.world_size)
+        est = self.memory
         total = est.total(self.spec.model.activation_checkpointing != "none")
         host = f", host {est.cpu / GIB:.2f}" if est.cpu else ""
         return (
             f"memory estimate per device: {total / GIB:.2f} GiB (params {est.params / GIB:.2f}, "
             f"grads {est.grads / GIB:.2f}, optimizer {est.optimizer / GIB:.2f}{host}; "
-            "python -m launcher check for every stage)"
+            "zerolaunch check for every stage)"
         )
 
     def _resume_line(self) -> str:
@@ -119,8 +122,8 @@ class RunPlan:
             return str(self.resume.tag_dir)
         m = self.resume.meta
         return (
-            f"{self.resume.tag_dir} (written by {m['world_size']} rank(s) at ZeRO stage "
-            f"{m['zero_stage']}: loading it in DeepSpeed's universal format)"
+            f"{self.resume.tag_dir} (written by {m.world_size} rank(s) at ZeRO stage "
+            f"{m.zero_stage}: loading it in DeepSpeed's universal format)"
         )
 
 
@@ -168,24 +171,24 @@ def open_data(spec: RunSpec) -> DataPlan:
 
 
 def _attempt(problems: list[str], check):
-    """Run one independent check; a UserError becomes one more listed problem."""
+    """Run one independent check; a UserError adds its problems to the list."""
     try:
         return check()
     except UserError as e:
-        problems.append(str(e))
+        problems.extend(e.problems)
         return None
 
 
-def engine_config(
+def engine_settings(
     spec: RunSpec, spec_path: Path | None, ds_path: Path, world_size: int, device: str
-) -> dict:
-    """The DeepSpeed JSON at ds_path, checked against the spec and completed for this job."""
-    return merge_ds_config(
+) -> tuple[EngineSettings, list[str]]:
+    """The DeepSpeed JSON at ds_path, checked against the spec and resolved for this job; and
+    warnings about it."""
+    return resolve_engine(
         load_ds_config(ds_path),
         spec.train,
         world_size,
-        spec_path=display_path(spec_path or DEFAULT_SPEC),
-        ds_path=str(ds_path),
+        paths=(display_path(spec_path or DEFAULT_SPEC), display_path(ds_path)),
         device_type=device,
         bf16_supported=bf16_supported(device),
     )
@@ -203,30 +206,31 @@ def prepare_run(
     env = env or detect_env()
     device = device or device_type()
     problems: list[str] = []
-    ds_config = _attempt(
-        problems, lambda: engine_config(spec, spec_path, ds_path, env.world_size, device)
-    )
+    engine, warnings = _attempt(
+        problems, lambda: engine_settings(spec, spec_path, ds_path, env.world_size, device)
+    ) or (None, [])
     data = _attempt(problems, lambda: open_data(spec))
     if data is not None:
         spec = _attempt(problems, lambda: _resolve_model(spec, data)) or spec
         _attempt(problems, lambda: _check_prompt(spec, data.tokenizer))
-    resume, warnings = None, []
-    if ds_config is not None and spec.model.vocab_size is not None:
-        resume, warnings = _attempt(problems, lambda: _resume(spec, env, ds_config)) or (None, [])
+    resume = None
+    if engine is not None and spec.model.vocab_size is not None:
+        found = _attempt(problems, lambda: _resume(spec, env, engine))
+        if found is not None:
+            resume, skipped = found
+            warnings += skipped
     if problems:
-        if len(problems) == 1:
-            raise UserError(problems[0])
-        raise UserError(f"{len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems))
+        raise combined(problems)
     if resume is not None and resume.universal:
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    run_id = resume.meta.get("run_id") if resume else None
-    run_id = run_id or secrets.token_hex(6)
-    return RunPlan(spec, ds_config, env, data, resume, warnings, run_id, device)
+        engine = engine.loading_universal()
+    run_id = resume.meta.run_id if resume else secrets.token_hex(6)
+    memory = estimate(spec.model, engine)
+    return RunPlan(spec, engine, env, data, resume, warnings, run_id, memory, device)
 
 
-def _resume(spec: RunSpec, env: DistEnv, ds_config: dict) -> tuple[Resume | None, list[str]]:
-    tag_dir, warnings = checkpoint.resolve_resume(spec.checkpoint.resume, spec.run_dir)
-    existing = checkpoint.list_tags(checkpoint.checkpoint_dir(spec.run_dir))
+def _resume(spec: RunSpec, env: DistEnv, engine: EngineSettings) -> tuple[Resume | None, list[str]]:
+    tag_dir, warnings = store.resolve_resume(spec.checkpoint.resume, spec.run_dir)
+    existing = store.list_tags(store.checkpoint_dir(spec.run_dir))
     if tag_dir is None and existing:
         raise UserError(
             f"{spec.run_dir} already holds checkpoints of an earlier run (newest "
@@ -235,6 +239,6 @@ def _resume(spec: RunSpec, env: DistEnv, ds_config: dict) -> tuple[Resume | None
         )
     if tag_dir is None:
         return None, warnings
-    meta = checkpoint.check_compatible(tag_dir, spec.model)
-    universal = checkpoint.needs_universal(meta, env.world_size, zero_stage(ds_config))
+    meta = store.check_compatible(tag_dir, spec.model)
+    universal = needs_universal(meta, env.world_size, engine.zero_stage)
     return Resume(tag_dir, meta, universal), warnings

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
 
-from launcher import slurm
 from launcher.errors import UserError
+from launcher.runtime import slurm
+from launcher.runtime.variables import OTHER_LAUNCHERS, TORCH_RANK
 
 
 @dataclass(frozen=True)
@@ -31,17 +33,6 @@ class DistEnv:
 
 class LaunchEnvError(UserError):
     """The variables a launcher set do not describe a usable job."""
-
-
-# (launcher, rank, local rank, world size, local world size): checked in this order. MPI first
-# among the rest: `mpirun` inside a Slurm allocation starts its daemons with srun, so the Slurm
-# variables a rank sees then describe the daemons, not the ranks.
-_SOURCES = [
-    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE",
-     "OMPI_COMM_WORLD_LOCAL_SIZE"),
-    ("pmi", "PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE", "MPI_LOCALNRANKS"),
-    ("slurm", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS", None),
-]  # fmt: skip
 
 
 DEFAULT_PORT = 29500
@@ -65,11 +56,11 @@ def detect_env(environ: MutableMapping[str, str] | None = None) -> DistEnv:
     set this is a single-process run.
     """
     environ = os.environ if environ is None else environ
-    if "RANK" in environ and "WORLD_SIZE" in environ:
+    if TORCH_RANK in environ and "WORLD_SIZE" in environ:
         launcher = "torchrun/deepspeed"
         local_world = environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE")
         env = DistEnv(
-            rank=_int(environ, "RANK"),
+            rank=_int(environ, TORCH_RANK),
             local_rank=_int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0,
             world_size=_int(environ, "WORLD_SIZE"),
             local_world_size=int(local_world) if local_world else _int(environ, "WORLD_SIZE"),
@@ -90,7 +81,7 @@ def detect_env(environ: MutableMapping[str, str] | None = None) -> DistEnv:
 
 
 def _from_other_launcher(environ: Mapping[str, str]) -> DistEnv:
-    for launcher, rank, local_rank, world, local_world in _SOURCES:
+    for launcher, rank, local_rank, world, local_world in OTHER_LAUNCHERS:
         if rank in environ and world in environ:
             world_size = _int(environ, world)
             if local_world is None:  # Slurm: this node's entry of the step's tasks per node
@@ -208,3 +199,17 @@ def rank_map(env: DistEnv, device: torch.device) -> list[dict]:
     everyone: list[dict] = [{}] * env.world_size
     torch.distributed.all_gather_object(everyone, mine)
     return everyone
+
+
+def exit_together(code: int) -> int:
+    """All ranks leave together, once everything is saved, flushed and closed.
+
+    Skips interpreter teardown: on CPU, C++ helper threads of the communication backends can
+    abort a finished rank there ("terminate called without an active exception", seen once in
+    CI), turning a good run into a failed one.
+    """
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,37 +1,41 @@
 """Sharded DeepSpeed checkpoints you can trust: tags `global_step{N}` under `out_dir/checkpoints`.
 
 Saving: every rank writes its DeepSpeed shards and its RNG state; after a barrier, rank 0 writes
-`zerolaunch.json` into the tag (the completion marker: step, data position, model shape, ZeRO
-stage, world size, losses, and a manifest of every file with its size), then the `latest`
-pointer, then `best` (the complete tag of lowest val loss), each atomically (temporary name +
-rename); only then are older tags rotated out. A tag without its marker, or whose files do not
-match the manifest, is incomplete: `resume: auto` skips it with a warning.
+`zerolaunch.json` into the tag (the completion marker, a `CheckpointMeta`: step, data position,
+model shape, ZeRO stage, world size, losses, and a manifest of every file with its size), then
+the `latest` pointer, then `best` (the complete tag of lowest val loss), each atomically
+(temporary name + rename); only then are older tags rotated out. A tag without its marker, or
+whose files do not match the manifest, is incomplete: `resume: auto` skips it with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
+from launcher.checkpoints.contract import META_FILE, CheckpointMeta
+from launcher.config.load import spec_from_dict
+from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 from model.gpt import GPTConfig
 
-META_FILE = "zerolaunch.json"
 LATEST = "latest"
 BEST = "best"
 UNIVERSAL_SUFFIX = "_universal"
+UNIVERSAL_INFO = {"universal_checkpoint_version": 0.2}
+"""The client state DeepSpeed's ds_to_universal requires: the only client state saved."""
 _TAG_RE = re.compile(r"^global_step(\d+)$")
 
 
@@ -60,24 +64,25 @@ def list_tags(ckpt_dir: Path) -> list[tuple[int, str]]:
     return [(s, t) for s, t in all_tags(ckpt_dir) if verify(ckpt_dir / t) is None]
 
 
-def read_meta(tag_dir: Path) -> dict:
+def read_meta(tag_dir: Path) -> CheckpointMeta:
+    """The tag's metadata; a tag without a readable one is not a (complete) checkpoint."""
     try:
-        return json.loads((tag_dir / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        text = (tag_dir / META_FILE).read_text()
+    except OSError as e:
         raise UserError(
             f"{tag_dir} is not a complete zerolaunch checkpoint ({META_FILE} unreadable: {e}); "
             "pass the directory of a tag such as runs/NAME/checkpoints/global_step100"
         ) from e
+    return CheckpointMeta.from_json(text, str(tag_dir / META_FILE))
 
 
 def verify(tag_dir: Path) -> str | None:
     """None when the tag is complete, else what is wrong with it."""
-    marker = tag_dir / META_FILE
-    if not marker.exists():
+    if not (tag_dir / META_FILE).exists():
         return f"no completion marker ({META_FILE}): its save never finished"
     try:
-        manifest = json.loads(marker.read_text())["manifest"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        manifest = read_meta(tag_dir).manifest
+    except UserError as e:
         return f"{META_FILE} is unreadable ({e})"
     for name, size in manifest.items():
         path = tag_dir / name
@@ -145,15 +150,16 @@ def _newest_complete(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
     return None, warnings
 
 
-def check_compatible(tag_dir: Path, model: GPTConfig) -> dict:
-    """Refuse a checkpoint of another model shape, listing what differs; returns its metadata."""
+def check_compatible(tag_dir: Path, model: GPTConfig) -> CheckpointMeta:
+    """Refuse a checkpoint of another model shape, listing what differs; returns its metadata.
+    A shape field the checkpoint predates counts as that field's default."""
     meta = read_meta(tag_dir)
-    saved = meta["model"]
     not_shape = {"dropout", "activation_checkpointing", "activation_checkpointing_n"}
+    defaults = {f.name: f.default for f in fields(GPTConfig)}
     diffs = [
-        f"model.{k}: checkpoint {saved.get(k)!r}, now {v!r}"
+        f"model.{k}: checkpoint {meta.model.get(k, defaults[k])!r}, now {v!r}"
         for k, v in asdict(model).items()
-        if k not in not_shape and saved.get(k) != v
+        if k not in not_shape and meta.model.get(k, defaults[k]) != v
     ]
     if diffs:
         raise UserError(
@@ -163,22 +169,6 @@ def check_compatible(tag_dir: Path, model: GPTConfig) -> dict:
             "with another out_dir (or name) to start a new run."
         )
     return meta
-
-
-def needs_universal(meta: dict, world_size: int, zero_stage: int) -> bool:
-    """Another world size or ZeRO stage than the checkpoint's: load it in universal format.
-
-    Stages 0-2 convert among themselves and 3 to 3 at any world size; DeepSpeed's universal
-    loader cannot cross the ZeRO-3 boundary (parameters sharded or not), so that is refused.
-    """
-    if (meta["zero_stage"] == 3) != (zero_stage == 3):
-        raise UserError(
-            f"the checkpoint was written at ZeRO stage {meta['zero_stage']} and this run uses "
-            f"stage {zero_stage}: DeepSpeed's universal checkpoints cannot move weights across "
-            "the ZeRO-3 boundary. Resume with a stage-3 config for a stage-3 checkpoint, or a "
-            "stage 0-2 config for the others (any number of ranks works)."
-        )
-    return (meta["world_size"], meta["zero_stage"]) != (world_size, zero_stage)
 
 
 # ----------------------------------------------------------------------------- saving
@@ -207,24 +197,26 @@ def _rng_file(rank: int) -> str:
     return f"rng_state_rank{rank}.pt"
 
 
-def save(engine: Any, run_dir: Path, meta: dict, client_state: dict, keep_last: int) -> Path:
+def save(engine: Any, run_dir: Path, meta: CheckpointMeta, keep_last: int) -> Path:
     """All ranks: write shards and RNG; then rank 0 completes the tag, pointers and rotation."""
     dist = torch.distributed
-    ckpt_dir, tag = checkpoint_dir(run_dir), tag_for(meta["step"])
+    ckpt_dir, tag = checkpoint_dir(run_dir), tag_for(meta.step)
     tag_dir = ckpt_dir / tag
     if dist.get_rank() == 0:  # a stale, incomplete tag of the same name (an earlier crash)
         shutil.rmtree(tag_dir, ignore_errors=True)
         shutil.rmtree(ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
     dist.barrier()
-    client_state = dict(
-        client_state, universal_checkpoint_info={"universal_checkpoint_version": 0.2}
+    engine.save_checkpoint(
+        str(ckpt_dir),
+        tag=tag,
+        client_state={"universal_checkpoint_info": UNIVERSAL_INFO},
+        save_latest=False,
     )
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), tag_dir / _rng_file(dist.get_rank()))
-    _test_pause(meta["step"])
+    _test_pause(meta.step)
     dist.barrier()  # every rank's files are on disk before the tag can count as complete
     if dist.get_rank() == 0:
-        _complete(ckpt_dir, tag, meta, keep_last)
+        complete(ckpt_dir, tag, meta, keep_last)
     dist.barrier()
     return tag_dir
 
@@ -238,27 +230,28 @@ def _test_pause(step: int) -> None:
         time.sleep(float(setting.split(":")[1]))
 
 
-def _complete(ckpt_dir: Path, tag: str, meta: dict, keep_last: int) -> None:
+def complete(ckpt_dir: Path, tag: str, meta: CheckpointMeta, keep_last: int) -> None:
+    """Rank 0, once every shard is on disk: the marker with its manifest, `latest`, `best`,
+    then rotation; each atomic, so a crash anywhere leaves a usable state."""
     tag_dir = ckpt_dir / tag
     files = sorted(p for p in tag_dir.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(tag_dir)): p.stat().st_size for p in files}
-    meta = dict(meta, manifest=manifest, bytes=sum(manifest.values()), saved_at=time.time())
-    _write_atomic(tag_dir / META_FILE, json.dumps(meta, indent=1))
+    meta.manifest = {str(p.relative_to(tag_dir)): p.stat().st_size for p in files}
+    meta.bytes, meta.saved_at = sum(meta.manifest.values()), time.time()
+    _write_atomic(tag_dir / META_FILE, meta.to_json())
     _write_atomic(ckpt_dir / LATEST, tag)
     _update_best(ckpt_dir, tag, meta)
     rotate(ckpt_dir, keep_last)
 
 
-def _update_best(ckpt_dir: Path, tag: str, meta: dict) -> None:
+def _update_best(ckpt_dir: Path, tag: str, meta: CheckpointMeta) -> None:
     """`best` follows the lowest val loss measured at a checkpoint's own step."""
-    if meta.get("val_loss") is None or meta.get("val_step") != meta["step"]:
+    if meta.own_val_loss is None:
         return
     best = read_pointer(ckpt_dir, BEST)
-    best_meta = ckpt_dir / best / META_FILE if best else None
-    best_val = (
-        json.loads(best_meta.read_text())["val_loss"] if best_meta and best_meta.exists() else None
-    )
-    if best_val is not None and best_val <= meta["val_loss"]:
+    best_val = None
+    if best and verify(ckpt_dir / best) is None:
+        best_val = read_meta(ckpt_dir / best).own_val_loss
+    if best_val is not None and best_val <= meta.own_val_loss:
         return
     _write_atomic(ckpt_dir / BEST, tag)
 
@@ -282,52 +275,20 @@ def rotate(ckpt_dir: Path, keep_last: int) -> None:
 
 
 def universal_dir(tag_dir: Path) -> Path:
+    """Where the universal-format copy of a tag is cached (beside it)."""
     return tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
 
 
-def convert_to_universal(tag_dir: Path) -> Path:
-    """DeepSpeed's universal format of a tag, converted once and cached beside it."""
-    import subprocess
-
-    target = universal_dir(tag_dir)
-    if (target / META_FILE).exists():
-        return target
-    scratch = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(scratch, ignore_errors=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.checkpoint.ds_to_universal",
-        "--input_folder",
-        str(tag_dir),
-        "--output_folder",
-        str(scratch),
-    ]
-    print(f"converting {tag_dir} to DeepSpeed's universal format -> {target}", flush=True)
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise UserError(
-            f"converting {tag_dir} to a universal checkpoint failed:\n"
-            f"{result.stderr.strip()[-3000:]}"
-        )
-    shutil.copyfile(tag_dir / META_FILE, scratch / META_FILE)  # marks the conversion complete
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(scratch, target)
-    return target
-
-
-def load(engine: Any, tag_dir: Path, universal: bool) -> dict:
+def load(engine: Any, tag_dir: Path, universal: bool) -> None:
     """Restore model and optimizer (and this rank's RNG when the world size is unchanged);
-    returns the client state saved with them."""
+    progress comes from the tag's CheckpointMeta, read before the engine existed."""
     source = universal_dir(tag_dir) if universal else tag_dir
-    path, client_state = engine.load_checkpoint(str(source.parent), tag=source.name)
+    path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if path is None:
         raise UserError(f"DeepSpeed could not load checkpoint {source}; its shards are missing")
     rng_file = tag_dir / _rng_file(torch.distributed.get_rank())
     if not universal and rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return client_state
 
 
 def load_weights(tag_dir: Path, lazy: bool = False) -> dict[str, Any]:
@@ -335,8 +296,7 @@ def load_weights(tag_dir: Path, lazy: bool = False) -> dict[str, Any]:
 
     With lazy, values may be deferred (call `.contiguous()`): memory stays near one tensor.
     """
-    meta = read_meta(tag_dir)
-    if meta["zero_stage"] == 0:
+    if read_meta(tag_dir).zero_stage == 0:
         states = torch.load(
             tag_dir / "mp_rank_00_model_states.pt",
             map_location="cpu",
@@ -350,3 +310,29 @@ def load_weights(tag_dir: Path, lazy: bool = False) -> dict[str, Any]:
         return get_fp32_state_dict_from_zero_checkpoint(
             str(tag_dir.parent), tag=tag_dir.name, lazy_mode=lazy
         )
+
+
+def read_run_spec(run_dir: Path) -> RunSpec:
+    """The resolved spec a run wrote to run_dir/spec.yaml."""
+    return spec_from_dict(yaml.safe_load((run_dir / "spec.yaml").read_text()))
+
+
+def resolve_tag(run_dir: Path, tag: str | None) -> Path:
+    """A complete tag of the run: the named one, else `latest`; errors list what exists."""
+    if not (run_dir / "spec.yaml").exists():
+        raise UserError(f"{run_dir} is not a zerolaunch run directory (no spec.yaml)")
+    ckpt_dir = checkpoint_dir(run_dir)
+    complete_tags = [t for _, t in list_tags(ckpt_dir)]
+    if not complete_tags:
+        raise UserError(f"{run_dir} has no complete checkpoint in {ckpt_dir}")
+    if tag is None:
+        latest = read_pointer(ckpt_dir, LATEST)
+        return ckpt_dir / (latest if latest in complete_tags else complete_tags[-1])
+    if tag not in complete_tags:
+        problem = verify(ckpt_dir / tag) if (ckpt_dir / tag).is_dir() else None
+        why = f" ({problem})" if problem else ""
+        raise UserError(
+            f"no complete checkpoint tag {tag!r} in {ckpt_dir}{why}; it has: "
+            f"{', '.join(complete_tags)}"
+        )
+    return ckpt_dir / tag

@@ -55,7 +55,7 @@ def _cache_file() -> Path:
     return root / "cpu_peak.json"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -80,7 +80,7 @@ def measure_matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1
 
 def cpu_peak(dtype: torch.dtype) -> float:
     """This CPU's matmul peak at this process's thread count, measured once and cached."""
-    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
     cache = _cache_file()
     try:
         known = json.loads(cache.read_text())
@@ -112,7 +112,7 @@ def device_peak(
         dtype = torch.bfloat16 if half_precision else torch.float32
         return measure_matmul_peak(dtype, size=8192), f"{name} (measured: not in the table)"
     dtype = torch.bfloat16 if half_precision else torch.float32
-    return cpu_peak(dtype), f"{_cpu_name()}, {torch.get_num_threads()} thread(s) (measured)"
+    return cpu_peak(dtype), f"{cpu_name()}, {torch.get_num_threads()} thread(s) (measured)"
 
 
 def mfu(flops_per_token: float, tokens_per_sec_per_device: float, peak: float) -> float:

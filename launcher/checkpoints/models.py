@@ -1,0 +1,50 @@
+"""A trained model back in memory, from a run's checkpoint (any tag, any ZeRO stage, no process
+group) or from a directory written by `zerolaunch export`; with its tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from data_pipeline.tokenizers import Tokenizer, load_tokenizer
+from launcher.checkpoints import hf, store
+from launcher.errors import UserError
+from model.gpt import GPT
+
+
+def load_run_model(run_dir: Path, tag: str | None, device: torch.device) -> tuple[GPT, Path]:
+    """Build the run's model and load consolidated weights from a complete checkpoint tag."""
+    tag_dir = store.resolve_tag(run_dir, tag)
+    model = GPT(store.read_run_spec(run_dir).model)
+    model.load_state_dict(store.load_weights(tag_dir))
+    return model.to(device), tag_dir
+
+
+def load_exported_model(export_dir: Path, device: torch.device) -> GPT:
+    """A model written by `zerolaunch export` (the Hugging Face GPT-2 layout)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((export_dir / "config.json").read_text())
+    model = GPT(hf.gpt_config(config))
+    model.load_state_dict(hf.state_dict_from_hf(load_file(export_dir / "model.safetensors")))
+    return model.to(device)
+
+
+def is_export(path: Path) -> bool:
+    return (path / "model.safetensors").exists() and (path / hf.TOKENIZER_FILE).exists()
+
+
+def load_model_and_tokenizer(
+    path: Path, tag: str | None, device: torch.device
+) -> tuple[GPT, Tokenizer, str]:
+    """(model, tokenizer, where the weights came from) from a run or an exported directory."""
+    if is_export(path):
+        if tag is not None:
+            raise UserError(f"{path} is an exported model; --tag applies to run directories")
+        description = json.loads((path / hf.TOKENIZER_FILE).read_text())
+        return load_exported_model(path, device), load_tokenizer(description, path), str(path)
+    model, tag_dir = load_run_model(path, tag, device)
+    tokenizer = load_tokenizer(json.loads((path / "tokenizer.json").read_text()), path)
+    return model, tokenizer, str(tag_dir)

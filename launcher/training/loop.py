@@ -1,0 +1,253 @@
+"""The training loop: a DeepSpeed engine over the GPT, fed from memory-mapped indexed datasets,
+evaluating, logging, checkpointing, and stopping cleanly on a signal or a time limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from launcher.checkpoints import store
+from launcher.checkpoints.contract import CheckpointMeta
+from launcher.config.load import spec_to_dict
+from launcher.errors import EXIT_REQUEUE
+from launcher.evaluation.val_loss import evaluate
+from launcher.monitoring import mfu
+from launcher.monitoring.metrics import Reporter, Throughput, data_metrics
+from launcher.monitoring.overfit import OverfitDetector
+from launcher.monitoring.sinks import MetricsLog, Sinks, WandbSink
+from launcher.monitoring.timing import StepTimer
+from launcher.runtime.stopping import Deadline, Stopper
+from launcher.training.engine import build_engine, set_lr
+from launcher.training.memory import engine_state_bytes
+from launcher.training.plan import RunPlan
+from launcher.training.schedule import lr_at
+from launcher.training.step import Batches, train_step
+from model.gpt import GPT, flops_per_token, recompute_fraction
+
+
+@dataclass
+class TrainState:
+    """Where training stands: what a checkpoint records of progress."""
+
+    step: int = 0
+    """Optimizer steps completed."""
+    consumed_samples: int = 0
+    """Global training samples read so far: the data position."""
+    saved_step: int = 0
+    """Step of the newest checkpoint (the resumed one at first)."""
+    stopped: str | None = None
+    """Why the run stopped before max_steps on a signal or time limit (None: it did not)."""
+
+
+@dataclass
+class Session:
+    """The live parts of one training launch."""
+
+    plan: RunPlan
+    device: torch.device
+    engine: Any
+    batches: Batches
+    val_batches: Batches | None
+    reporter: Reporter
+    stopper: Stopper
+
+
+def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, TrainState]:
+    """Train to spec.train.max_steps (or an early stop, a signal, a time limit); returns the
+    engine and where training ended. `started_at` is the process start on perf_counter's clock."""
+    spec, env = plan.spec, plan.env
+    torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
+    engine = build_engine(GPT(spec.model), spec.train, plan.engine)
+    torch.manual_seed(spec.train.seed + 1000 * env.rank)  # distinct dropout masks per rank
+    state = _resume(plan, engine)
+    batches, val_batches = _batches(plan, device)
+    reporter = _reporter(plan, device, started_at, state.step)
+    session = Session(
+        plan, device, engine, batches, val_batches, reporter, _stopper(plan, device, started_at)
+    )
+    try:
+        _loop(session, state)
+    finally:
+        reporter.finish()
+    write_memory_report(engine, plan)
+    return engine, state
+
+
+def _resume(plan: RunPlan, engine: Any) -> TrainState:
+    resume, t = plan.resume, plan.spec.train
+    if resume is None:
+        return TrainState()
+    store.load(engine, resume.tag_dir, resume.universal)
+    state = TrainState(resume.meta.step, resume.meta.consumed_samples, resume.meta.step)
+    if resume.universal:  # no per-rank RNG to restore at a new world size
+        torch.manual_seed(t.seed + 1000 * plan.env.rank + state.step)
+    if plan.env.is_main:
+        print(f"resumed from {resume.tag_dir} at step {state.step}", flush=True)
+        if state.step >= t.max_steps:
+            print(
+                f"step {state.step} >= train.max_steps={t.max_steps}: nothing to train; "
+                "raise train.max_steps to train further",
+                flush=True,
+            )
+    return state
+
+
+def _reporter(plan: RunPlan, device: torch.device, started_at: float, step: int) -> Reporter:
+    spec, env = plan.spec, plan.env
+    saved = plan.resume.meta.monitor if plan.resume else {}
+    detector = OverfitDetector.resume(spec.eval, saved)
+    peak, sinks = 0.0, None
+    if env.is_main:  # a CPU peak is measured: once, by rank 0
+        peak, source = mfu.device_peak(device, plan.engine.half, spec.monitor.peak_flops)
+        print(f"MFU against {peak / 1e12:,.3f} TFLOP/s per device: {source}", flush=True)
+        sinks = _sinks(plan, step)
+    throughput = Throughput(
+        tokens_per_step=plan.engine.train_batch_size * spec.model.block_size,
+        block_size=spec.model.block_size,
+        world_size=env.world_size,
+        flops_per_token=flops_per_token(spec.model),
+        peak_flops=peak,
+        recompute_fraction=recompute_fraction(spec.model),
+    )
+    timer = StepTimer(device, spec.monitor.detailed_timing)
+    return Reporter(throughput, timer, detector, sinks, started_at)
+
+
+def _sinks(plan: RunPlan, resume_step: int) -> Sinks:
+    spec = plan.spec
+    config = {"spec": spec_to_dict(spec), "ds_config": plan.engine.ds_config}
+    wandb = WandbSink(spec.monitor.wandb, spec.name, spec.run_dir, plan.run_id, config)
+    return Sinks(MetricsLog(spec.run_dir / "metrics.jsonl", resume_step), wandb)
+
+
+def _stopper(plan: RunPlan, device: torch.device, started_at: float) -> Stopper:
+    main = plan.env.is_main  # rank 0 alone asks Slurm and watches the stop file
+    deadline = Deadline.after(
+        plan.spec.train.time_limit_s,
+        started_wall=time.time() - (time.perf_counter() - started_at),
+        slurm_job_id=os.environ.get("SLURM_JOB_ID") if main else None,
+    )
+    return Stopper(
+        device,
+        deadline,
+        checkpoint_bytes=int(plan.memory.params + plan.memory.optimizer),
+        stop_file=os.environ.get("ZEROLAUNCH_STOP_FILE") if main else None,
+    )
+
+
+def _batches(plan: RunPlan, device: torch.device) -> tuple[Batches, Batches | None]:
+    """Index the samples the whole run will read (local rank 0 builds, the others wait)."""
+    spec, env, engine = plan.spec, plan.env, plan.engine
+    builder = env.local_rank == 0
+    plan.data.train.prepare(spec.train.max_steps * engine.train_batch_size, is_builder=builder)
+    layout = (engine.micro_batch_size, engine.grad_accum_steps, env.world_size, env.rank, device)
+    batches = Batches(plan.data.train, *layout)
+    if plan.data.val is None or not spec.eval.interval:
+        return batches, None
+    plan.data.val.prepare(spec.eval.batches * engine.micro_batch_size * env.world_size, builder)
+    return batches, Batches(plan.data.val, *layout)
+
+
+def _loop(s: Session, state: TrainState) -> None:
+    spec, t = s.plan.spec, s.plan.spec.train
+    while state.step < t.max_steps:
+        reason = s.stopper.poll()  # every rank, every step boundary: the same answer everywhere
+        if reason is not None:
+            _stop(s, state, reason)
+            return
+        set_lr(s.engine, lr_at(state.step, t))
+        s.reporter.step_started()
+        loss = train_step(s.engine, s.batches, state.step, t.grad_accum_steps, s.reporter.timer)
+        s.reporter.step_done(loss)
+        state.step += 1
+        state.consumed_samples += s.plan.engine.train_batch_size
+        last = state.step == t.max_steps
+        s.reporter.write(state.step, _record(s, state, last))
+        stop = spec.eval.early_stop and s.reporter.detector.fired_at == state.step
+        interval = spec.checkpoint.interval
+        if (interval and state.step % interval == 0) or last or stop:
+            _save(s, state)
+        if stop:
+            if s.plan.env.is_main:
+                print(
+                    f"early stop at step {state.step} (eval.early_stop): checkpoint saved",
+                    flush=True,
+                )
+            return
+
+
+def _record(s: Session, state: TrainState, last: bool) -> dict:
+    """The metrics of this step: train metrics at log steps, val at evaluation steps."""
+    spec, step = s.plan.spec, state.step
+    record: dict[str, float] = {}
+    if step % spec.train.log_interval == 0 or last:
+        record |= s.reporter.train_record(step, lr_at(step - 1, spec.train))
+        record |= data_metrics(s.plan.data.train, state.consumed_samples)
+    if s.val_batches and (step % spec.eval.interval == 0 or last):
+        val = evaluate(s.engine, s.val_batches, spec.eval.batches)
+        record |= s.reporter.val_record(step, val)
+    return record
+
+
+def _stop(s: Session, state: TrainState, reason: str) -> None:
+    """A signal or the time limit: save (unless this step is saved) and say how to go on."""
+    if state.step > state.saved_step:
+        _save(s, state)
+    state.stopped = reason
+    if s.plan.env.is_main:
+        print(
+            f"stopping at step {state.step} of {s.plan.spec.train.max_steps}: {reason}; "
+            f"checkpoint saved; the same command resumes from it (exit code {EXIT_REQUEUE})",
+            flush=True,
+        )
+
+
+def _save(s: Session, state: TrainState) -> None:
+    started = time.perf_counter()
+    plan = s.plan
+    losses = s.reporter.losses
+    meta = CheckpointMeta(
+        step=state.step,
+        consumed_samples=state.consumed_samples,
+        run_id=plan.run_id,
+        model=asdict(plan.spec.model),
+        zero_stage=plan.engine.zero_stage,
+        world_size=plan.env.world_size,
+        precision=plan.engine.precision,
+        train_loss=losses.get("train_loss"),
+        val_loss=losses.get("val_loss"),
+        val_step=losses.get("val_step"),
+        monitor=s.reporter.detector.state(),
+    )
+    store.save(s.engine, plan.spec.run_dir, meta, plan.spec.checkpoint.keep_last)
+    state.saved_step = state.step
+    s.stopper.saved(time.perf_counter() - started)
+
+
+def write_memory_report(engine: Any, plan: RunPlan) -> None:
+    """out_dir/memory.json: what each rank's engine holds, beside the pre-flight estimate."""
+    if not engine.optimizer or not getattr(engine.optimizer, "state", True):
+        return
+    held = engine_state_bytes(engine)
+    per_rank = [None] * plan.env.world_size
+    dist.all_gather_object(per_rank, held)
+    if plan.env.is_main:
+        est = plan.memory
+        report = {
+            "world_size": plan.env.world_size,
+            "zero_stage": plan.engine.zero_stage,
+            "measured_bytes_per_rank": per_rank,
+            "estimated_bytes_per_rank": {
+                "params": est.params,
+                "grads": est.grads,
+                "optimizer": est.optimizer,
+                "cpu": est.cpu,
+            },
+        }
+        (plan.spec.run_dir / "memory.json").write_text(json.dumps(report, indent=1))
