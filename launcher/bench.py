@@ -33,11 +33,19 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launcher.config.arguments import add_spec_arguments, config_paths
 from launcher.config.paths import DS_CONFIGS
 from launcher.errors import UserError, run_cli
+
+if TYPE_CHECKING:  # imported where used: --help and argument errors stay fast
+    import torch
+
+    from launcher.config.ds_config import EngineSettings
+    from launcher.config.spec import RunSpec, TrainConfig
+    from launcher.runtime.distributed import DistEnv
+    from model.gpt import GPT, GPTConfig
 
 DEFAULT_VOCAB = 50304
 """GPT-2's 50,257 tokens padded to a multiple of 64: the vocabulary when the spec leaves it null."""
@@ -67,12 +75,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class SyntheticBatches:
     """Random tokens already on the device: the loader's interface, none of its cost."""
 
-    batches: list[tuple[Any, Any]]
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
     accum: int
-    device: Any
+    device: torch.device
 
     @classmethod
-    def make(cls, vocab: int, micro: int, block: int, accum: int, device: Any, seed: int):
+    def make(
+        cls, vocab: int, micro: int, block: int, accum: int, device: torch.device, seed: int
+    ) -> SyntheticBatches:
         import torch
 
         gen = torch.Generator().manual_seed(seed)
@@ -83,11 +93,13 @@ class SyntheticBatches:
             batches.append((x.to(device), y.to(device)))
         return cls(batches, accum, device)
 
-    def train(self, step: int, micro_step: int) -> tuple[Any, Any]:
+    def train(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batches[(step * self.accum + micro_step) % len(self.batches)]
 
 
-def timed(steps: list[Callable[[int], None]], n: int, warmup: int, device: Any) -> list[list]:
+def timed(
+    steps: list[Callable[[int], Any]], n: int, warmup: int, device: torch.device
+) -> list[list[float]]:
     """Seconds per step of each step function, after `warmup` untimed steps of each.
 
     With several functions the steps alternate (a, b, a, b, ...), so a machine that slows down
@@ -111,7 +123,9 @@ def timed(steps: list[Callable[[int], None]], n: int, warmup: int, device: Any) 
     return times
 
 
-def reference_step(model: Any, train: Any, batches: SyntheticBatches, precision: str) -> Callable:
+def reference_step(
+    model: GPT, train: TrainConfig, batches: SyntheticBatches, precision: str
+) -> Callable[[int], None]:
     """One optimizer step of plain PyTorch: what a nanoGPT-style loop does with this model
     (autocast in bf16; autocast and a gradient scaler in fp16)."""
     import torch
@@ -147,7 +161,7 @@ def reference_step(model: Any, train: Any, batches: SyntheticBatches, precision:
     return step
 
 
-def _spec(spec_path: Path | None, overrides: list[str]):
+def _spec(spec_path: Path | None, overrides: list[str]) -> RunSpec:
     from dataclasses import replace
 
     from launcher.config.load import load_spec
@@ -183,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     return exit_together(0)
 
 
-def run_benchmark(spec: Any, engine_cfg: Any, env: Any, args: argparse.Namespace) -> dict:
+def run_benchmark(
+    spec: RunSpec, engine_cfg: EngineSettings, env: DistEnv, args: argparse.Namespace
+) -> dict:
     """Time the engine's step (and the plain-PyTorch reference): the benchmark's JSON object."""
     import torch
 
@@ -244,7 +260,7 @@ class Figures:
             "mfu": mfu.mfu(self.flops_per_token, per_device, self.peak),
         }
 
-    def measured(self, times: list[float], world_size: int, model: Any) -> dict:
+    def measured(self, times: list[float], world_size: int, model: GPTConfig) -> dict:
         from launcher.monitoring import mfu
         from model.gpt import count_params, recompute_fraction
 
@@ -270,7 +286,9 @@ class Figures:
         }
 
 
-def _setup(spec: Any, engine_cfg: Any, env: Any, args: argparse.Namespace) -> dict:
+def _setup(
+    spec: RunSpec, engine_cfg: EngineSettings, env: DistEnv, args: argparse.Namespace
+) -> dict:
     """What was measured: layout, precision, model shape, batch, versions."""
     import torch
 
@@ -295,7 +313,7 @@ def _setup(spec: Any, engine_cfg: Any, env: Any, args: argparse.Namespace) -> di
     }
 
 
-def _device_name(device: Any) -> str:
+def _device_name(device: torch.device) -> str:
     import torch
 
     from launcher.monitoring.mfu import cpu_name

@@ -27,10 +27,17 @@ import argparse
 import json
 import time
 import warnings
+from typing import TYPE_CHECKING, Any
 
 from launcher.config.arguments import add_spec_arguments, config_paths
 from launcher.config.paths import DEFAULT_DS_CONFIG
 from launcher.errors import EXIT_REQUEUE, run_cli
+
+if TYPE_CHECKING:
+    import torch
+
+    from launcher.training.loop import TrainState
+    from launcher.training.plan import RunPlan
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     return _finish(plan, engine, state, device, started)
 
 
-def _start(plan):
+def _start(plan: RunPlan) -> torch.device:
     """Process group, device, run files, universal conversion: everything before training."""
     import torch
 
@@ -88,7 +95,9 @@ def _start(plan):
     return device
 
 
-def _finish(plan, engine, state, device, started: float) -> int:
+def _finish(
+    plan: RunPlan, engine: Any, state: TrainState, device: torch.device, started: float
+) -> int:
     """The closing line and the sample; every rank leaves together."""
     from launcher.evaluation.sampling import generate_text
     from launcher.runtime.distributed import exit_together
@@ -121,7 +130,7 @@ def _process_start() -> float:
     return time.perf_counter() - (time.time() - psutil.Process().create_time())
 
 
-def _write_run_files(plan) -> None:
+def _write_run_files(plan: RunPlan) -> None:
     """The resolved spec, the final DeepSpeed config and the tokenizer, beside the checkpoints."""
     import yaml
 
