@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 
@@ -133,8 +134,9 @@ def test_time_limit_stops_while_one_more_step_and_a_save_still_fit() -> None:
             break
     at, reason = decisions[-1]
     assert reason == "the time limit is near"
-    # 1.5 x (5 s step + 4 s save) = 13.5 s of room needed: stop at 1090 (10 s left), not at 1085.
-    assert at == 1090.0
+    # 1.5 x (2 x 5 s steps + 4 s save) = 21 s of room needed: seen at 1080 (20 s left), acted on
+    # at the next boundary, 1085, which leaves one step's worth beyond the 4 s save.
+    assert at == 1085.0
     assert all(r is None for _, r in decisions[:-1])
 
 
@@ -146,10 +148,44 @@ def test_a_signal_asks_for_a_stop_instead_of_killing(monkeypatch) -> None:
         stopper = stopping.Stopper(torch.device("cpu"), stopping.Deadline(None), checkpoint_bytes=0)
         assert stopper.poll() is None
         signal.raise_signal(signal.SIGUSR1)
+        assert stopper.poll() is None  # seen at this boundary, acted on at the next one
         assert stopper.poll() == "received SIGUSR1"
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+LAGGED = """
+import sys, torch, torch.distributed as dist
+from launcher.runtime.stopping import LaggedMax
+dist.init_process_group("gloo")
+rank, flags = dist.get_rank(), LaggedMax(2, torch.device("cpu"))
+# Rank 1 raises the first flag at call 2, rank 0 the second at call 3.
+seen = [flags([float(rank == 1 and i >= 2), float(rank == 0 and i >= 3)]) for i in range(5)]
+print(seen)
+"""
+
+
+def test_every_rank_sees_every_flag_one_boundary_later(tmp_path) -> None:
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
+    procs = [
+        subprocess.Popen(
+            [PYTHON, "-c", LAGGED],
+            env={**os.environ, **env, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    expected = "[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [1.0, 1.0]]"
+    assert [o.strip() for o in outputs] == [expected, expected]
 
 
 @pytest.mark.integration
@@ -158,7 +194,9 @@ def test_time_limit_saves_exits_75_and_the_same_command_finishes(tiny_data, tmp_
     items = [*TINY, f"data.train={tiny_data}", f"out_dir={out}", "train.log_interval=1"]
     items += ["train.max_steps=100000", "checkpoint.interval=0", "sample.max_new_tokens=0"]
     cmd = [PYTHON, "launcher/run.py", "--ds_config", "ds_configs/zero1.json"]
-    first = run([*cmd, *overrides(*items, "train.time_limit=25")], check=False)
+    # The budget counts from the process start: imports and start-up take 5-20 s of it (more on
+    # a loaded machine), and the first save is guessed at 5 s until one is timed.
+    first = run([*cmd, *overrides(*items, "train.time_limit=40")], check=False)
     assert first.returncode == EXIT_REQUEUE, first.stdout + first.stderr
     stopped = re.search(r"stopping at step (\d+) of 100000: the time limit is near", first.stdout)
     assert stopped, first.stdout

@@ -7,10 +7,13 @@ acting on it mid-step would leave the others waiting in a collective. So a handl
 it, and at every step boundary all ranks all-reduce what they know: they stop together, at the
 same step, save one checkpoint together, and exit with EXIT_REQUEUE (75).
 
+The all-reduce of a boundary is read at the next one (`LaggedMax`), so the loop never waits for
+the device between log steps: a stop takes effect one step after it is asked for.
+
 The time limit is the earlier of `train.time_limit` after the process started and the end of the
 Slurm job (its EndTime, read with scontrol). The run stops at the last step boundary from which
 one more step and a checkpoint are still predicted to fit, from the slowest step and the slowest
-save seen so far in this process.
+save seen so far in this process (two steps, since the decision arrives a step late).
 """
 
 from __future__ import annotations
@@ -78,6 +81,44 @@ class Deadline:
         return min(limits) if limits else None
 
 
+class LaggedMax:
+    """Every rank's element-wise maximum of a few flags, one call behind.
+
+    Each call starts this call's all-reduce and returns the previous call's result (zeros the
+    first time). On GPUs nothing waits for the device to drain: the values travel through
+    pinned host buffers with asynchronous copies, and a call waits only for the previous call's
+    all-reduce, queued a whole step earlier. Two slots alternate, so a buffer is reused only
+    after the work that read it is known to be done.
+    """
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        pinned = device.type == "cuda"
+        self.size, self.device, self.cuda = size, device, pinned
+        self.send = [torch.zeros(size, pin_memory=pinned) for _ in range(2)]
+        self.recv = [torch.zeros(size, pin_memory=pinned) for _ in range(2)]
+        self.reduced = [torch.zeros(size, device=device) for _ in range(2)]
+        self.done: list[torch.cuda.Event | None] = [None, None]
+        self.calls = 0
+
+    def __call__(self, values: list[float]) -> list[float]:
+        slot, previous = self.calls % 2, (self.calls + 1) % 2
+        result = [0.0] * self.size
+        if self.calls > 0:
+            if self.done[previous] is not None:
+                self.done[previous].synchronize()  # the previous boundary's work, not this step's
+            result = self.recv[previous].tolist()
+        self.send[slot].copy_(torch.tensor(values, dtype=torch.float32))
+        self.reduced[slot].copy_(self.send[slot], non_blocking=True)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.reduced[slot], op=dist.ReduceOp.MAX)
+        self.recv[slot].copy_(self.reduced[slot], non_blocking=True)
+        if self.cuda:
+            self.done[slot] = torch.cuda.Event()
+            self.done[slot].record()
+        self.calls += 1
+        return result
+
+
 class Stopper:
     """Asked at every step boundary, gives the same answer on every rank: stop now, and why."""
 
@@ -90,7 +131,8 @@ class Stopper:
     ) -> None:
         """`stop_file` (rank 0's): its appearance asks for a stop; `checkpoint_bytes` guesses
         how long a save takes until one has been timed."""
-        self.device, self.deadline, self.clock = device, deadline, deadline.clock
+        self.deadline, self.clock = deadline, deadline.clock
+        self.flags = LaggedMax(3, device)
         self.stop_file = Path(stop_file) if stop_file else None
         self.stop_note = ""
         self.slowest_step = 0.0
@@ -104,15 +146,13 @@ class Stopper:
         self.save_timed = True
 
     def poll(self) -> str | None:
-        """Called by every rank at every step boundary; the reason to stop, or None."""
+        """Called by every rank at every step boundary; the reason to stop, or None. The answer
+        is what all ranks knew at the previous boundary (see LaggedMax)."""
         now = self.clock()
         self.slowest_step = max(self.slowest_step, now - self.last_boundary)
         self.last_boundary = now
         local = [float(received_signal()), float(self._deadline_near(now)), float(self._file())]
-        flags = torch.tensor(local, dtype=torch.float32, device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        signum, deadline, requested = (int(v) for v in flags.tolist())
+        signum, deadline, requested = (int(v) for v in self.flags(local))
         if signum:
             return f"received {signal.Signals(signum).name}"
         if deadline:
@@ -125,8 +165,9 @@ class Stopper:
         deadline = self.deadline.at(now)
         if deadline is None:
             return False
-        # One more step, then a save, with room for both to run slower than the slowest yet.
-        return now + 1.5 * (self.slowest_step + self.slowest_save) >= deadline
+        # The decision lands a step late: two more steps, then a save, with room for all of it
+        # to run slower than the slowest yet.
+        return now + 1.5 * (2 * self.slowest_step + self.slowest_save) >= deadline
 
     def _file(self) -> bool:
         if self.stop_file is None or not self.stop_file.exists():
