@@ -18,7 +18,7 @@ from launcher.config.arguments import add_spec_arguments, config_paths
 from launcher.config.paths import DEFAULT_DS_CONFIG
 from launcher.errors import UserError, run_cli
 from launcher.runtime.distributed import DistEnv, device_type
-from launcher.training.memory import GIB, estimate
+from launcher.training.memory import GIB, deepspeed_estimate, estimate
 from launcher.training.plan import RunPlan, prepare_run
 from model.gpt import count_params, flops_per_token
 
@@ -42,8 +42,8 @@ def stage_table(plan: RunPlan, device_memory: float | None) -> list[str]:
     configured = plan.engine.zero_stage
     checkpointing = plan.spec.model.activation_checkpointing != "none"
     header = (
-        f"{'ZeRO':<7}{'params':>9}{'grads':>9}{'optim':>9}{'acts':>9}{'acts ckpt':>10}"
-        f"{'buffers':>9}{'total':>9}{'host':>9}  GiB per device"
+        f"{'ZeRO':<7}{'params':>9}{'grads':>9}{'grads32':>9}{'optim':>9}{'acts':>9}"
+        f"{'acts ckpt':>10}{'buffers':>9}{'total':>9}{'host':>9}  GiB per device"
     )
     rows = [header]
     for stage in range(4):
@@ -53,11 +53,27 @@ def stage_table(plan: RunPlan, device_memory: float | None) -> list[str]:
         if device_memory is not None:
             mark = ("fits " if total <= device_memory else "DOES NOT FIT ") + mark
         rows.append(
-            f"{stage:<7}{_gib(est.params):>9}{_gib(est.grads):>9}{_gib(est.optimizer):>9}"
-            f"{_gib(est.activations):>9}{_gib(est.activations_checkpointed):>10}"
-            f"{_gib(est.buffers):>9}{_gib(total):>9}{_gib(est.cpu):>9}  {mark}"
+            f"{stage:<7}{_gib(est.params):>9}{_gib(est.grads):>9}{_gib(est.step_grads):>9}"
+            f"{_gib(est.optimizer):>9}{_gib(est.activations):>9}"
+            f"{_gib(est.activations_checkpointed):>10}{_gib(est.buffers):>9}{_gib(total):>9}"
+            f"{_gib(est.cpu):>9}  {mark.rstrip()}"
         )
     return rows
+
+
+def cross_check(plan: RunPlan) -> str:
+    """DeepSpeed's own model-states estimate for the configured stage beside ours."""
+    found = deepspeed_estimate(plan.spec.model, plan.engine, plan.env.local_world_size)
+    if found is None:
+        return f"DeepSpeed has no model-states estimate for ZeRO-{plan.engine.zero_stage}"
+    name, device, host = found
+    ours = estimate(plan.spec.model, plan.engine)
+    note = "" if plan.engine.half else " (DeepSpeed's formula assumes 16-bit training)"
+    return (
+        f"model states per device: ours {_gib(ours.model_states)} GiB (host {_gib(ours.cpu)} per "
+        f"rank); DeepSpeed's {name}: {_gib(device)} GiB (host {_gib(host)} per node, with its "
+        f"1.5x buffer factor){note}"
+    )
 
 
 def report(plan: RunPlan, device_memory: float | None) -> str:
@@ -69,8 +85,10 @@ def report(plan: RunPlan, device_memory: float | None) -> str:
         f"parameters: {count_params(m):,} | tokens/step: {tokens:,} | FLOPs/step: {flops:.3e} | "
         f"precision: {engine.precision} | activation checkpointing: {m.activation_checkpointing}",
         *stage_table(plan, device_memory),
-        "total = params + grads + optim + activations (checkpointed ones if the spec checkpoints)"
-        " + communication buffers; host = offloaded states in CPU memory per rank",
+        "total = params + grads + grads32 (the fp32 gradient partition of the optimizer step, "
+        "16-bit training) + optim + activations (checkpointed ones if the spec checkpoints) + "
+        "communication buffers; host = offloaded states in CPU memory per rank",
+        cross_check(plan),
     ]
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from conftest import PYTHON, overrides, run
 from launcher.check import parse_memory
 from launcher.config.ds_config import resolve_engine
 from launcher.config.spec import TrainConfig
-from launcher.training.memory import GIB, estimate
+from launcher.training.memory import GIB, deepspeed_estimate, estimate
 from model.gpt import GPTConfig, count_params
 
 GPT_13B = [
@@ -95,15 +95,31 @@ def test_estimate_follows_the_zero_paper() -> None:
     config = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
     psi = count_params(config)
     e0, e3 = estimate(config, engine({"stage": 0})), estimate(config, engine({"stage": 3}))
-    assert (e0.params, e0.grads, e0.optimizer) == (2 * psi, 2 * psi, 12 * psi)
+    assert (e0.params, e0.grads, e0.optimizer, e0.step_grads) == (2 * psi, 2 * psi, 12 * psi, 0)
     assert (e3.params, e3.grads, e3.optimizer) == (2 * psi / 8, 2 * psi / 8, 12 * psi / 8)
+    assert e3.step_grads == 4 * psi / 8  # the fp32 gradient partition of the step (bf16)
     offload = estimate(
         config,
         engine(
             {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
         ),
     )
-    assert offload.params == offload.optimizer == 0 and offload.cpu == 14 * psi / 8
+    assert offload.model_states == 0 and offload.cpu == (2 + 2 + 4 + 12) * psi / 8
     small_vocab = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=128)
     acts = estimate(small_vocab, engine({"stage": 0}))  # logits aside, checkpointing keeps ~1/34
     assert acts.activations_checkpointed < acts.activations / 3
+
+
+def test_model_states_agree_with_deepspeeds_own_estimate() -> None:
+    config = GPTConfig(n_layer=40, n_head=40, n_embd=5120, block_size=2048, vocab_size=50304)
+    psi = count_params(config)
+    zero2 = engine({"stage": 2}, world_size=8)
+    ours = estimate(config, zero2)
+    name, device, _ = deepspeed_estimate(config, zero2, gpus_per_node=8)
+    # 2 Psi bf16 parameters + 18 Psi / W: bf16 and fp32 gradients, fp32 master, Adam moments.
+    assert name == "estimate_zero2_model_states_mem_needs"
+    assert ours.model_states == device == 2 * psi + 18 * psi // 8
+    zero3 = engine({"stage": 3}, world_size=8)
+    _, device, _ = deepspeed_estimate(config, zero3, gpus_per_node=8)
+    assert abs(estimate(config, zero3).model_states - device) < 0.05 * device
+    assert deepspeed_estimate(config, engine({"stage": 1}), gpus_per_node=8) is None

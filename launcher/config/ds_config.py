@@ -74,6 +74,8 @@ class EngineSettings:
     """Elements per gradient reduce bucket (ZeRO 1-3)."""
     prefetch_bucket_size: int
     """Elements of parameters prefetched ahead of use (ZeRO-3)."""
+    sub_group_size: int
+    """Elements of the optimizer's sub-groups, stepped one at a time (ZeRO-3)."""
     ds_config: dict = field(repr=False, compare=False)
     """The complete JSON for deepspeed.initialize (and run_dir/ds_config.json)."""
 
@@ -245,5 +247,6 @@ def _settings(config: dict, precision: str, train: TrainConfig, dp_size: int) ->
         grad_accum_steps=train.grad_accum_steps,
         reduce_bucket_size=int(getattr(parsed, "reduce_bucket_size", 5e8)),
         prefetch_bucket_size=int(getattr(parsed, "prefetch_bucket_size", 5e7)),
+        sub_group_size=int(getattr(parsed, "sub_group_size", 1e9)),
         ds_config=config,
     )

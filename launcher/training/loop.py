@@ -246,6 +246,7 @@ def write_memory_report(engine: Any, plan: RunPlan) -> None:
             "estimated_bytes_per_rank": {
                 "params": est.params,
                 "grads": est.grads,
+                "step_grads": est.step_grads,
                 "optimizer": est.optimizer,
                 "cpu": est.cpu,
             },

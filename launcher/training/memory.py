@@ -5,9 +5,13 @@ parameters and gradients at the training precision (2 bytes in bf16/fp16, 4 in f
 optimizer holding an fp32 master copy plus Adam's two moments (12 bytes; 8 in plain fp32 ZeRO-0,
 where the parameters are the master copy). Stage 1 shards the optimizer, stage 2 the gradients
 too, stage 3 the parameters too; offload moves the optimizer (and with stage 3 the parameters)
-to CPU memory (to NVMe: off both). Activations follow Korthikanti et al. (2022): 34 s b h bytes
-per layer in 16 bits (attention scores are not kept: SDPA's fused kernels), only the layer
-inputs with full checkpointing plus one layer being recomputed.
+to CPU memory (to NVMe: off both). Training in 16 bits, DeepSpeed's ZeRO optimizers also make
+an fp32 copy of the rank's gradient partition for the optimizer step (stage 3: one sub-group at
+a time), so a 16-bit ZeRO-2 rank holds 2 Psi + 18 Psi / W bytes of model states: the figure of
+DeepSpeed's own `estimate_zero2_model_states_mem_needs`, printed beside ours by
+`zerolaunch check`. Activations follow Korthikanti et al. (2022): 34 s b h bytes per layer in
+16 bits (attention scores are not kept: SDPA's fused kernels), only the layer inputs with full
+checkpointing plus one layer being recomputed.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ class Estimate:
 
     params: float
     grads: float
+    step_grads: float
+    """fp32 copy of the gradient partition for the optimizer step (16-bit training)."""
     optimizer: float
     activations: float
     activations_checkpointed: float
@@ -38,7 +44,12 @@ class Estimate:
 
     def total(self, checkpointing: bool) -> float:
         acts = self.activations_checkpointed if checkpointing else self.activations
-        return self.params + self.grads + self.optimizer + acts + self.buffers
+        return self.params + self.grads + self.step_grads + self.optimizer + acts + self.buffers
+
+    @property
+    def model_states(self) -> float:
+        """Parameters, gradients (both copies) and optimizer on the device."""
+        return self.params + self.grads + self.step_grads + self.optimizer
 
 
 def activation_bytes(config: GPTConfig, micro_batch: int, dtype_bytes: int) -> tuple[float, float]:
@@ -62,10 +73,17 @@ def estimate(config: GPTConfig, engine: EngineSettings) -> Estimate:
     grads = p * width / (w if stage >= 2 else 1)
     optimizer_bytes = 12 if (engine.half or stage >= 1) else 8
     optimizer = p * optimizer_bytes / (w if stage >= 1 else 1)
+    step_grads = 0.0
+    if engine.half and stage >= 1:
+        partition = p / w if stage < 3 else min(p / w, engine.sub_group_size)
+        step_grads = 4 * partition
     cpu = 0.0
     if engine.offload_optimizer != "none" and stage >= 1:  # nvme: off the device, not in RAM
-        cpu += optimizer if engine.offload_optimizer == "cpu" else 0.0
-        optimizer = 0.0
+        # The optimizer and its fp32 gradients move; from stage 2 so do the gradient partitions.
+        moved = optimizer + step_grads + (grads if stage >= 2 else 0.0)
+        cpu += moved if engine.offload_optimizer == "cpu" else 0.0
+        optimizer = step_grads = 0.0
+        grads = grads if stage < 2 else 0.0
     if engine.offload_param != "none" and stage >= 3:
         cpu += params if engine.offload_param == "cpu" else 0.0
         params = 0.0
@@ -75,7 +93,47 @@ def estimate(config: GPTConfig, engine: EngineSettings) -> Estimate:
         buffers += 4 * float(engine.reduce_bucket_size)
     if stage >= 3:
         buffers += width * float(engine.prefetch_bucket_size)
-    return Estimate(params, grads, optimizer, acts, acts_ckpt, buffers, cpu)
+    return Estimate(params, grads, step_grads, optimizer, acts, acts_ckpt, buffers, cpu)
+
+
+def deepspeed_estimate(
+    config: GPTConfig, engine: EngineSettings, gpus_per_node: int
+) -> tuple[str, float, float] | None:
+    """DeepSpeed's own model-states estimate for the configured stage, as a cross-check:
+    (function name, device bytes, host bytes per node); None below stage 2 (DeepSpeed has none).
+    DeepSpeed's formulas assume 16-bit training and a ZeRO-3 model built under zero.Init."""
+    stage, world = engine.zero_stage, engine.dp_size
+    if stage < 2:
+        return None
+    nodes = -(-world // gpus_per_node)
+    p = count_params(config)
+    if stage < 3:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        host, device = estimate_zero2_model_states_mem_needs(
+            p, gpus_per_node, nodes, cpu_offload=engine.offload_optimizer == "cpu"
+        )
+        return "estimate_zero2_model_states_mem_needs", float(device), float(host)
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    host, device, _ = estimate_zero3_model_states_mem_needs(
+        p,
+        largest_layer_params(config),
+        gpus_per_node,
+        nodes,
+        cpu_offload=engine.offload_optimizer == "cpu",
+        cpu_offload_params=engine.offload_param == "cpu",
+    )
+    return "estimate_zero3_model_states_mem_needs", float(device), float(host)
+
+
+def largest_layer_params(config: GPTConfig) -> int:
+    """Parameters of the largest single module (ZeRO-3 gathers one at a time), on meta."""
+    from model.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
 
 
 def engine_state_bytes(engine: Any) -> dict[str, int]:
