@@ -127,7 +127,7 @@ def reference_step(
     model: GPT, train: TrainConfig, batches: SyntheticBatches, precision: str
 ) -> Callable[[int], None]:
     """One optimizer step of plain PyTorch: what a nanoGPT-style loop does with this model
-    (autocast in bf16; autocast and a gradient scaler in fp16)."""
+    (autocast in bf16; autocast and a gradient scaler in fp16; compiled when the engine is)."""
     import torch
 
     from launcher.training.schedule import lr_at
@@ -141,6 +141,8 @@ def reference_step(
         betas=(train.beta1, train.beta2),
         **fused,
     )
+    if train.compile:  # the same compile setting as the engine's model
+        model.compile()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -217,11 +219,15 @@ def run_benchmark(
         m.vocab_size, t.micro_batch_size, m.block_size, t.grad_accum_steps, device, t.seed
     )
     torch.manual_seed(t.seed)
-    engine = build_engine(GPT(m), t, engine_cfg)
+    with device:  # built in place: a 1.3B model initialises in a second on a GPU
+        model = GPT(m)
+    engine = build_engine(model, t, engine_cfg)
     steps = [lambda i: train_step(engine, batches, i, t.grad_accum_steps)]
     if args.reference:  # same initial weights, its own optimizer state
         torch.manual_seed(t.seed)
-        steps.append(reference_step(GPT(m).to(device), t, batches, engine_cfg.precision))
+        with device:
+            reference = GPT(m)
+        steps.append(reference_step(reference, t, batches, engine_cfg.precision))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = timed(steps, args.steps, args.warmup, device)
@@ -303,6 +309,7 @@ def _setup(
             for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "dropout")
         },
         "activation_checkpointing": m.activation_checkpointing,
+        "compile": t.compile,
         "micro_batch_size": t.micro_batch_size,
         "grad_accum_steps": t.grad_accum_steps,
         "steps": args.steps,

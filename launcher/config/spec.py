@@ -70,6 +70,9 @@ class TrainConfig:
     time_limit: int | str | None = None
     """Wall-time budget of one process: seconds, or Slurm's [D-]HH:MM:SS; the run saves and
     exits (code 75) before it runs out. Under Slurm the job's own limit applies too."""
+    compile: bool = False
+    """torch.compile the model inside the DeepSpeed engine (engine.compile()): fused kernels
+    after a compilation of some seconds to minutes in the first steps."""
 
     @property
     def time_limit_s(self) -> float | None:

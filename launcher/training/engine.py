@@ -60,6 +60,8 @@ def build_engine(model: GPT, train: TrainConfig, settings: EngineSettings) -> An
     if settings.zero_stage == 0 and settings.dp_size == 1:
         # Nothing to average with: skip the flatten-all-reduce-copy-back of every gradient.
         engine.enable_backward_allreduce = False
+    if train.compile:  # in place (nn.Module.compile): parameter names and checkpoints unchanged
+        engine.compile()
     return engine
 
 
