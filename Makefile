@@ -9,7 +9,7 @@ PY         := $(VENV)/bin/python
 NPROC      ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)")
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install data demo test bench bench-data lint format clean
+.PHONY: install data demo test bench bench-data gpu-check lint format clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,12 @@ bench: install
 		--steps 60 --out $(BENCH_OUT)/cpu_1rank_zero0.json
 	deepspeed --num_gpus 2 launcher/bench.py --ds_config ds_configs/zero2.json $(BENCH_MODEL) \
 		--steps 30 --out $(BENCH_OUT)/cpu_2rank_zero2.json
+
+# On a GPU machine (it has its own CUDA torch; nothing is installed into .venv): the prepared
+# check of tests/gpu/check.sh, every figure as JSON in $(GPU_OUT). Prepare the corpus first.
+GPU_OUT ?= runs/gpu-check
+gpu-check:
+	bash tests/gpu/check.sh $(GPU_OUT)
 
 # Data pipeline throughput (prints JSON): prepare vs the raw tokenizer, and the loader.
 bench-data: install

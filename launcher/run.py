@@ -75,13 +75,14 @@ def _start(plan: RunPlan) -> torch.device:
 
     from launcher.checkpoints.universal import convert_to_universal
     from launcher.runtime.distributed import init_process_group, rank_map, select_device
+    from launcher.training.plan import write_run_files
 
     env = plan.env
     device = select_device(env)
     if env.is_main:
         for warning in plan.warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
-        _write_run_files(plan)
+        write_run_files(plan)
     init_process_group()
     ranks = rank_map(env, device)
     if env.is_main:  # where each rank runs: out_dir/ranks.json
@@ -128,22 +129,6 @@ def _process_start() -> float:
     import psutil
 
     return time.perf_counter() - (time.time() - psutil.Process().create_time())
-
-
-def _write_run_files(plan: RunPlan) -> None:
-    """The resolved spec, the final DeepSpeed config and the tokenizer, beside the checkpoints."""
-    import yaml
-
-    from data_pipeline.tokenizers import copy_tokenizer_files
-    from launcher.config.load import spec_to_dict
-
-    run_dir = plan.spec.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec_to_dict(plan.spec), sort_keys=False))
-    (run_dir / "ds_config.json").write_text(json.dumps(plan.engine.ds_config, indent=2))
-    tokenizer = plan.data.tokenizer
-    (run_dir / "tokenizer.json").write_text(json.dumps(tokenizer.describe(), ensure_ascii=False))
-    copy_tokenizer_files(tokenizer, run_dir)
 
 
 if __name__ == "__main__":

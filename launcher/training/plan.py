@@ -242,3 +242,22 @@ def _resume(spec: RunSpec, env: DistEnv, engine: EngineSettings) -> tuple[Resume
     meta = store.check_compatible(tag_dir, spec.model)
     universal = needs_universal(meta, env.world_size, engine.zero_stage)
     return Resume(tag_dir, meta, universal), warnings
+
+
+def write_run_files(plan: RunPlan) -> None:
+    """The resolved spec, the final DeepSpeed config and the tokenizer, beside the checkpoints
+    (rank 0, once the plan is known to be good: the first files a run writes)."""
+    import json
+
+    import yaml
+
+    from data_pipeline.tokenizers import copy_tokenizer_files
+    from launcher.config.load import spec_to_dict
+
+    run_dir = plan.spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec_to_dict(plan.spec), sort_keys=False))
+    (run_dir / "ds_config.json").write_text(json.dumps(plan.engine.ds_config, indent=2))
+    tokenizer = plan.data.tokenizer
+    (run_dir / "tokenizer.json").write_text(json.dumps(tokenizer.describe(), ensure_ascii=False))
+    copy_tokenizer_files(tokenizer, run_dir)

@@ -1,0 +1,144 @@
+"""The GPU rows of docs/benchmarks.md in one process: `python tests/gpu/bench_rows.py OUT`.
+
+Each row is `zerolaunch bench` (the same run_benchmark) with the row's model and config; the rows
+share one process and one process group to save start-up time, and free the device between
+them. Writes OUT/bench.json (every row's full JSON, with its command) and OUT/profile.txt (where
+the time of the 124M step goes, from the torch profiler). ZEROLAUNCH_GPU_DRY=1 runs tiny rows on
+the CPU to check the plumbing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from launcher.bench import SyntheticBatches, run_benchmark  # noqa: E402
+from launcher.config.load import load_spec  # noqa: E402
+from launcher.runtime.distributed import detect_env  # noqa: E402
+from launcher.training.plan import engine_settings  # noqa: E402
+
+DRY = os.environ.get("ZEROLAUNCH_GPU_DRY") == "1"
+# (layers, heads, width, micro-batch) of each model.
+SHAPES = {"124m": (12, 12, 768, 16), "350m": (24, 16, 1024, 8), "1.3b": (24, 16, 2048, 8),
+          "tiny": (2, 2, 64, 4)}  # fmt: skip
+GPT2 = {
+    name: [f"model.n_layer={n}", f"model.n_head={h}", f"model.n_embd={w}",
+           f"train.micro_batch_size={b}"]
+    for name, (n, h, w, b) in SHAPES.items()
+}  # fmt: skip
+COMMON = ["model.block_size=1024", "model.vocab_size=50304", "model.dropout=0.0"]
+if DRY:
+    COMMON = ["model.block_size=64", "model.vocab_size=128", "model.dropout=0.0"]
+# (row name, model, DeepSpeed config, extra overrides, --reference, warm-up steps, timed steps)
+# DeepSpeed's ZeRO-3 patches torch.nn.functional.linear for the rest of the process: its row runs
+# last, after the profile of the 124M step.
+ROWS = [
+    ("gpt2-124m_zero1_bf16", "124m", "zero1.json", [], True, 5, 20),
+    ("gpt2-124m_zero1_bf16_compile", "124m", "zero1.json", ["train.compile=true"], True, 8, 20),
+    ("gpt2-350m_zero1_bf16", "350m", "zero1.json", [], True, 5, 15),
+    ("1.3b_zero3_ac_bf16", "1.3b", "zero3.json", ["model.activation_checkpointing=full"],
+     False, 4, 12),
+]  # fmt: skip
+
+
+def command(model: str, ds: str, extra: list[str], reference: bool, warmup: int, steps: int):
+    sets = " ".join(f"--set {item}" for item in [*GPT2[model], *COMMON, *extra])
+    flags = f"--steps {steps} --warmup {warmup}" + (" --reference" if reference else "")
+    return f"zerolaunch bench --ds_config ds_configs/{ds} {sets} {flags}"
+
+
+def run_row(name: str, model: str, ds: str, extra, reference: bool, warmup: int, steps: int):
+    items = [*GPT2["tiny" if DRY else model], *COMMON, *extra]
+    spec = load_spec(None, items)
+    env = detect_env()
+    ds_path = REPO / "ds_configs" / ds
+    engine, _ = engine_settings(spec, None, ds_path, env.world_size, "cpu" if DRY else "cuda")
+    args = argparse.Namespace(steps=steps, warmup=warmup, reference=reference)
+    started = time.perf_counter()
+    result = run_benchmark(spec, engine, env, args)
+    result["wall_s"] = time.perf_counter() - started
+    result["command"] = command(model, ds, extra, reference, warmup, steps)
+    return result
+
+
+def profile_step(out: Path) -> None:
+    """Where the time of one 124M ZeRO-1 bf16 step goes: the top kernels and operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from launcher.training.engine import build_engine
+    from launcher.training.step import train_step
+    from model.gpt import GPT
+
+    spec = load_spec(None, [*GPT2["tiny" if DRY else "124m"], *COMMON])
+    settings, _ = engine_settings(spec, None, REPO / "ds_configs" / "zero1.json", 1,
+                                  "cpu" if DRY else "cuda")  # fmt: skip
+    device = torch.device("cpu") if DRY else torch.device("cuda", torch.cuda.current_device())
+    with device:
+        model = GPT(spec.model)
+    engine = build_engine(model, spec.train, settings)
+    m, t = spec.model, spec.train
+    batches = SyntheticBatches.make(m.vocab_size, t.micro_batch_size, m.block_size, 1, device, 0)
+    for i in range(3):
+        train_step(engine, batches, i, 1)
+    activities = [ProfilerActivity.CPU] + ([] if DRY else [ProfilerActivity.CUDA])
+    with profile(activities=activities) as prof:
+        for i in range(3, 6):
+            train_step(engine, batches, i, 1)
+        if not DRY:
+            torch.cuda.synchronize()
+    key = "self_cpu_time_total" if DRY else "self_cuda_time_total"
+    out.write_text(prof.key_averages().table(sort_by=key, row_limit=25))
+    del engine
+    free()
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def main() -> int:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else REPO / "runs" / "gpu-check")
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for index, row in enumerate(ROWS):
+        if index == len(ROWS) - 1:  # before the ZeRO-3 row (see ROWS)
+            try:
+                profile_step(out / "profile.txt")
+            except Exception as e:  # noqa: BLE001
+                (out / "profile.txt").write_text(f"profile failed: {type(e).__name__}: {e}\n")
+        print(f"--- {row[0]}", flush=True)
+        try:
+            result = run_row(*row)
+        except Exception as e:  # noqa: BLE001 - one broken row must not cost the others
+            result = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{row[0]} failed: {result['error']}", flush=True)
+        results.append({"name": row[0], **result})
+        (out / "bench.json").write_text(json.dumps(results, indent=1))
+        free()
+    for r in results:
+        if "error" in r:
+            print(f"{r['name']:<32} ERROR {r['error']}")
+            continue
+        ref = f"  vs plain PyTorch {r['vs_reference']:.3f}" if "vs_reference" in r else ""
+        print(
+            f"{r['name']:<32} {r['tokens_per_sec_per_device']:>10,.0f} tok/s/device  "
+            f"MFU {r['mfu']:5.1f}%  HFU {r['hfu']:5.1f}%  {r['peak_memory_gib']:6.1f} GiB{ref}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
