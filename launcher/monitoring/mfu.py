@@ -65,15 +65,27 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.0) -> float:
-    """Best FLOP/s of size^3 matmuls on this process's threads over about `seconds`."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+def measure_matmul_peak(
+    dtype: torch.dtype,
+    size: int = 2048,
+    seconds: float = 1.0,
+    device: torch.device | None = None,
+) -> float:
+    """Best FLOP/s of size^3 matmuls on `device` (this process's CPU threads by default) over
+    about `seconds`. Its random operands come from a generator of its own: measuring must not
+    move the global RNG (rank 0 measures, and its dropout masks would change with the cache)."""
+    device = device or torch.device("cpu")
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
+    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.mm(a, b)  # warm-up
+    sync()
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
 
@@ -110,7 +122,8 @@ def device_peak(
         if peak is not None:
             return peak, f"{name} ({'bf16/fp16' if half_precision else 'tf32'} datasheet)"
         dtype = torch.bfloat16 if half_precision else torch.float32
-        return measure_matmul_peak(dtype, size=8192), f"{name} (measured: not in the table)"
+        peak = measure_matmul_peak(dtype, size=8192, device=device)
+        return peak, f"{name} (measured: not in the table)"
     dtype = torch.bfloat16 if half_precision else torch.float32
     return cpu_peak(dtype), f"{cpu_name()}, {torch.get_num_threads()} thread(s) (measured)"
 

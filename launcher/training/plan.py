@@ -109,9 +109,10 @@ class RunPlan:
         est = self.memory
         total = est.total(self.spec.model.activation_checkpointing != "none")
         host = f", host {est.cpu / GIB:.2f}" if est.cpu else ""
+        step = f" + {est.step_grads / GIB:.2f} fp32 at the step" if est.step_grads else ""
         return (
             f"memory estimate per device: {total / GIB:.2f} GiB (params {est.params / GIB:.2f}, "
-            f"grads {est.grads / GIB:.2f}, optimizer {est.optimizer / GIB:.2f}{host}; "
+            f"grads {est.grads / GIB:.2f}{step}, optimizer {est.optimizer / GIB:.2f}{host}; "
             "zerolaunch check for every stage)"
         )
 
