@@ -44,18 +44,23 @@ def _drop_runner_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code (a UserError propagates: cli() makes it exit code 2)."""
     argv = _drop_runner_flags(list(sys.argv[1:] if argv is None else argv))
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if argv and argv[0] in ("-h", "--help", "help"):
         print(usage())
-        return 0 if argv else EXIT_USER_ERROR
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        what = f"error: unknown command {argv[0]!r}\n\n" if argv else ""
+        print(f"{what}{usage()}", file=sys.stderr)
         return EXIT_USER_ERROR
-    module = importlib.import_module(COMMANDS[name][0])
-    run_cli(lambda: module.main(rest))
-    return 0
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:]) or 0
+
+
+def cli() -> None:
+    """The `zerolaunch` console script."""
+    run_cli(main)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

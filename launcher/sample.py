@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--run",
         type=Path,
         required=True,
-        help="run directory (runs/NAME) or a directory written by launcher.export",
+        help="run directory (runs/NAME) or a directory written by zerolaunch export",
     )
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
     p.add_argument("--prompt", default=SampleConfig.prompt)

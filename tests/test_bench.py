@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import DEEPSPEED, PYTHON, overrides, run
 
-from launcher.config import load_spec
+from launcher.config.load import load_spec
 from model.gpt import GPT
 
 SMALL = [

@@ -199,6 +199,7 @@ def test_resume_at_another_world_size_or_stage(
         "train.max_steps=5",
     )
     assert "loading it in DeepSpeed's universal format" in result.stdout
+    assert "read again or skipped" not in result.stderr  # the same global batch: no warning
     assert (resumed / "checkpoints" / "global_step4_universal" / store.META_FILE).exists()
     # Same global batch (8 sequences), same samples: the loss the original run had at step 5.
     assert losses(resumed)[5] == pytest.approx(losses(base_run)[5], abs=1e-5)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import RunSpec, SpecError, load_spec
+from launcher.config.load import SpecError, load_spec
 from launcher.config.paths import DEFAULT_SPEC
+from launcher.config.spec import RunSpec
 
 SPECS = sorted((Path(__file__).parent.parent / "launcher" / "specs").glob("*.yaml"))
 

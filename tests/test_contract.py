@@ -46,3 +46,26 @@ def test_newer_or_foreign_files_are_refused_with_what_to_do() -> None:
         CheckpointMeta.from_json('{"model": {}}', "tag/zerolaunch.json")
     with pytest.raises(UserError, match="not valid JSON"):
         CheckpointMeta.from_json("{", "tag/zerolaunch.json")
+
+
+def test_a_tag_from_a_newer_zerolaunch_is_kept_and_refused_when_used(tmp_path: Path) -> None:
+    from launcher.checkpoints import store
+
+    ckpt_dir = tmp_path / "checkpoints"
+    for step in (10, 20):
+        tag = store.tag_for(step)
+        (ckpt_dir / tag).mkdir(parents=True)
+        (ckpt_dir / tag / "shard.pt").write_bytes(b"x" * step)
+        meta = CheckpointMeta(step, 8 * step, "run", {}, 2, 2, "fp32")
+        store.complete(ckpt_dir, tag, meta, keep_last=1)
+    marker = ckpt_dir / "global_step20" / "zerolaunch.json"
+    newer = json.loads(marker.read_text()) | {"format_version": FORMAT_VERSION + 1}
+    marker.write_text(json.dumps(newer))
+    # Complete (never skipped as a leftover, never rotated away) ...
+    assert store.verify(ckpt_dir / "global_step20") is None
+    store.rotate(ckpt_dir, keep_last=1)
+    assert (ckpt_dir / "global_step20").is_dir()
+    assert store.resolve_resume("auto", tmp_path) == (ckpt_dir / "global_step20", [])
+    # ... and refused, with what to do, when a run would resume from it.
+    with pytest.raises(UserError, match="newer than this zerolaunch reads"):
+        store.read_meta(ckpt_dir / "global_step20")

@@ -164,6 +164,24 @@ def test_misspelled_keys_are_found_by_deepspeeds_own_models() -> None:
     assert 'did you mean "device"?' in nested
 
 
+def test_the_stage_is_read_as_deepspeed_reads_it_and_booleans_are_refused() -> None:
+    assert resolve({"zero_optimization": {"stage": "3"}}).zero_stage == 3
+    (found,) = problems({"zero_optimization": {"stage": True}})
+    assert '"zero_optimization.stage" is True; expected 0, 1, 2 or 3' in found
+
+
+def test_activation_checkpointing_values_are_typed() -> None:
+    found = problems(
+        {"activation_checkpointing": {"partition_activations": "yes", "number_checkpoints": 2.5}}
+    )
+    assert found == [
+        "ds.json: \"activation_checkpointing.partition_activations\" is 'yes'; expected true or "
+        "false",
+        'ds.json: "activation_checkpointing.number_checkpoints" is 2.5; expected an integer or '
+        "null",
+    ]
+
+
 def test_unknown_top_level_keys_far_from_any_known_one_are_only_noted() -> None:
     settings, notes = resolve_engine(
         {"my_site_tag": "a"},

@@ -1,16 +1,4 @@
-"""What the user writes, checked and resolved: the run spec (YAML + --set) and the DeepSpeed
-JSON (engine settings). Nothing here starts a process group or writes a file."""
-
-from launcher.config.ds_config import EngineSettings, resolve_engine
-from launcher.config.load import SpecError, load_spec, spec_from_dict, spec_to_dict
-from launcher.config.spec import RunSpec
-
-__all__ = [
-    "EngineSettings",
-    "RunSpec",
-    "SpecError",
-    "load_spec",
-    "resolve_engine",
-    "spec_from_dict",
-    "spec_to_dict",
-]
+"""What the user writes, checked and resolved: the run spec (spec.py, load.py: YAML + --set) and
+the DeepSpeed JSON (ds_config.py: EngineSettings, checked by ds_schema.py). Nothing here starts a
+process group or writes a file. Import the modules themselves: this package stays light, so
+`--help` and argument errors answer without loading torch."""

@@ -190,6 +190,9 @@ def _resolve_precision(config: dict, device_type: str, bf16_supported: bool, ds_
 def _offload_problems(zero: dict, ds_path: str) -> list[str]:
     """What DeepSpeed's schema allows but its engine ignores or rejects later."""
     stage = zero.get("stage", 0)
+    if isinstance(stage, bool):  # pydantic would read true as stage 1
+        return [f'{ds_path}: "zero_optimization.stage" is {stage!r}; expected 0, 1, 2 or 3']
+    stage = int(stage)  # "3" passes DeepSpeed's schema as 3
     problems = []
     if _device(zero, "offload_param") != "none" and stage != 3:
         problems.append(f'{ds_path}: "offload_param" needs ZeRO stage 3 (this file has {stage!r})')
@@ -237,7 +240,7 @@ def _settings(config: dict, precision: str, train: TrainConfig, dp_size: int) ->
     parsed = zero_model(config)  # DeepSpeed's defaults for what the JSON leaves out
     section = config.get("activation_checkpointing")
     return EngineSettings(
-        zero_stage=int(zero.get("stage", 0)),
+        zero_stage=int(getattr(parsed, "stage", zero.get("stage", 0))),
         precision=precision,
         offload_optimizer=_device(zero, "offload_optimizer"),
         offload_param=_device(zero, "offload_param"),

@@ -147,7 +147,16 @@ def _activation_checkpointing_problems(value: Any, ds_path: str) -> list[str]:
     if not isinstance(value, dict):
         return [f'{ds_path}: "activation_checkpointing" must be a JSON object, got {value!r}']
     problems = []
-    for key in value:
+    for key, item in value.items():
+        expected = "an integer or null" if key == "number_checkpoints" else "true or false"
+        if key == "number_checkpoints":
+            wrong = item is not None and (isinstance(item, bool) or not isinstance(item, int))
+        else:
+            wrong = not isinstance(item, bool)
+        if key in ACTIVATION_CHECKPOINTING_KEYS and wrong:
+            problems.append(
+                f'{ds_path}: "activation_checkpointing.{key}" is {item!r}; expected {expected}'
+            )
         if key not in ACTIVATION_CHECKPOINTING_KEYS:
             close = difflib.get_close_matches(key, ACTIVATION_CHECKPOINTING_KEYS, n=1, cutoff=0.6)
             hint = f'; did you mean "{close[0]}"?' if close else ""

@@ -1,7 +1,8 @@
 """Where the shipped spec and DeepSpeed configs live, and how paths are shown to users.
 
-Defaults resolve relative to the project (the checkout holding `launcher/` and `ds_configs/`),
-not the working directory, so every command runs from any folder.
+The default spec and DeepSpeed JSON resolve relative to the project (the checkout holding
+`launcher/` and `ds_configs/`), not the working directory, so they are found from any folder;
+data paths and `out_dir` in a spec stay relative to the working directory.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 """The checkout: the folder holding launcher/, model/, data_pipeline/ and ds_configs/."""
 DEFAULT_SPEC = PROJECT_ROOT / "launcher" / "specs" / "shakespeare_char.yaml"
 DS_CONFIGS = PROJECT_ROOT / "ds_configs"
+if not DS_CONFIGS.is_dir():  # installed without the checkout: the working directory's
+    DS_CONFIGS = Path("ds_configs")
 DEFAULT_DS_CONFIG = DS_CONFIGS / "zero2.json"
 
 

@@ -16,11 +16,11 @@ from model.gpt import GPT, param_groups
 def build_optimizer(
     model: GPT, train: TrainConfig, offload_optimizer: str
 ) -> torch.optim.Optimizer:
-    """The spec's AdamW: DeepSpeed's CPU Adam when the optimizer is offloaded to the CPU, else
-    torch's fused AdamW."""
+    """The spec's AdamW: DeepSpeed's CPU Adam when the optimizer is offloaded (to the CPU or to
+    NVMe, whose states are stepped on the CPU too), else torch's fused AdamW."""
     groups = param_groups(model, train.weight_decay)
     betas = (train.beta1, train.beta2)
-    if offload_optimizer == "cpu":
+    if offload_optimizer in ("cpu", "nvme"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=lr_at(0, train), betas=betas, adamw_mode=True)

@@ -136,7 +136,7 @@ def _stopper(plan: RunPlan, device: torch.device, started_at: float) -> Stopper:
     return Stopper(
         device,
         deadline,
-        checkpoint_bytes=int(plan.memory.params + plan.memory.optimizer),
+        checkpoint_bytes=int(plan.memory.params + plan.memory.optimizer + plan.memory.cpu),
         stop_file=os.environ.get("ZEROLAUNCH_STOP_FILE") if main else None,
     )
 

@@ -1,7 +1,8 @@
 """Everything checked before a run starts: spec, DeepSpeed config, dataset, checkpoint.
 
-No process group is started and no file is written here, so a mistake costs nothing and an
-existing run's checkpoints are never touched by a run that was going to fail.
+`prepare_run` starts no process group and writes no file, so a mistake costs nothing and an
+existing run's checkpoints are never touched by a run that was going to fail; `write_run_files`
+writes the run's first files once the plan is known to be good.
 """
 
 from __future__ import annotations
@@ -242,6 +243,14 @@ def _resume(spec: RunSpec, env: DistEnv, engine: EngineSettings) -> tuple[Resume
         return None, warnings
     meta = store.check_compatible(tag_dir, spec.model)
     universal = needs_universal(meta, env.world_size, engine.zero_stage)
+    if meta.consumed_samples != meta.step * engine.train_batch_size:
+        warnings.append(
+            f"{tag_dir} was trained with {meta.consumed_samples // max(meta.step, 1)} sequences "
+            f"per step and this run takes {engine.train_batch_size}: step s reads samples "
+            f"[s x {engine.train_batch_size}, ...), so some samples are read again or skipped. "
+            "Keep micro_batch_size x grad_accum_steps x ranks equal to continue the data order "
+            "exactly"
+        )
     return Resume(tag_dir, meta, universal), warnings
 
 
