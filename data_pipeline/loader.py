@@ -33,10 +33,35 @@ class Source:
         return self.prefix.name
 
 
+DATASET_SUFFIXES = (".bin", ".idx", ".json")
+
+
+def dataset_prefix(path: str | Path) -> Path:
+    """The prefix meant by a path: `data/x.bin`, `.idx` or `.json` of a prepared `data/x` is
+    `data/x` (the files of one dataset share its prefix)."""
+    path = Path(path)
+    if path.suffix in DATASET_SUFFIXES and Path(f"{path.with_suffix('')}.json").is_file():
+        return path.with_suffix("")
+    return path
+
+
+def _prefixes_in(directory: Path) -> list[str]:
+    return sorted(
+        str(p.with_suffix("")) for p in directory.glob("*.json") if p.with_suffix(".idx").exists()
+    )
+
+
 def open_source(prefix: str | Path, weight: float = 1.0) -> Source:
     """Open PREFIX.{json,idx,bin}; a missing or damaged dataset says how to prepare it."""
-    prefix = Path(prefix)
+    prefix = dataset_prefix(prefix)
     meta_file = Path(f"{prefix}.json")
+    if prefix.is_dir() and not meta_file.exists():
+        found = _prefixes_in(prefix)
+        which = f"; the datasets in it: {', '.join(found)}" if found else ""
+        raise DataError(
+            f"{prefix} is a directory: give the prefix of a prepared dataset (the path of its "
+            f".bin/.idx/.json without the suffix, e.g. data/shakespeare_char){which}"
+        )
     if not meta_file.exists():
         raise DataError(
             f"no prepared dataset at {prefix} ({meta_file} is missing). Prepare it first, e.g. "

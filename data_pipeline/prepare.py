@@ -386,6 +386,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="no progress bar (it is shown only when stderr is a terminal anyway)",
     )
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.suffix in (".bin", ".idx", ".json"):  # the prefix was meant: OUT.bin/.idx/.json
+        print(f"note: --out {out} names a dataset file; writing prefix {out.with_suffix('')}")
+        args.out = str(out.with_suffix(""))
     if args.txt_separator is not None:
         args.txt_separator = args.txt_separator.encode().decode("unicode_escape")
     return args

@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     spec_path, ds_path = config_paths(args)
     spec = _spec(spec_path, args.overrides)
     env = detect_env()
-    engine, _ = engine_settings(spec, spec_path, ds_path, env.world_size, device_type())
+    engine, _ = engine_settings(
+        spec, spec_path, ds_path, env.world_size, device_type(), tuple(args.overrides)
+    )
     result = run_benchmark(spec, engine, env, args)
     if env.is_main:
         text = json.dumps(result, indent=1)

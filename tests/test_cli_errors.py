@@ -51,10 +51,10 @@ def test_ds_config_disagreeing_with_spec(tmp_path: Path, tiny_data: Path) -> Non
     result = launch(
         *overrides(f"data.train={tiny_data}", "train.micro_batch_size=8"), ds_config=str(ds)
     )
+    # The value came from --set, and the message says so (not the spec file).
     assert_user_error(
         result,
-        'ds.json sets "train_micro_batch_size_per_gpu": 4',
-        "launcher/specs/shakespeare_char.yaml",
+        'ds.json sets "train_micro_batch_size_per_gpu": 4, but --set train.micro_batch_size=8 '
         "gives 8",
     )
 
@@ -149,3 +149,31 @@ def test_the_zerolaunch_command_refuses_what_it_cannot_run(tmp_path: Path) -> No
         check=False,
     )
     assert_user_error(both, "name two different DeepSpeed configs")
+
+
+def test_a_directory_where_a_file_is_expected(tmp_path: Path) -> None:
+    assert_user_error(launch("--spec", str(tmp_path)), f"run spec {tmp_path} is a directory")
+    assert_user_error(
+        launch(ds_config=str(tmp_path)), f"DeepSpeed config {tmp_path} is a directory"
+    )
+
+
+def test_a_dataset_file_names_its_prefix_and_a_folder_lists_its_datasets(tiny_data: Path) -> None:
+    check = [ZEROLAUNCH, "check", "--set", "sample.max_new_tokens=0"]
+    for suffix in (".bin", ".idx", ".json"):  # the prefix was meant
+        result = run([*check, "--set", f"data.train={tiny_data}{suffix}"])
+        assert "data: stdlib x1" in result.stdout
+    folder = run([*check, "--set", f"data.train={tiny_data.parent}"], check=False)
+    assert_user_error(
+        folder, f"{tiny_data.parent} is a directory", f"the datasets in it: {tiny_data}"
+    )
+
+
+def test_suggestions_know_where_keys_live() -> None:
+    result = launch(*overrides("optimiser.lr=1", "train.n_layer=2", "train.batch_size=4"))
+    assert_user_error(
+        result,
+        "optimiser: unknown key; the optimizer's settings are train.lr, train.beta1",
+        "train.n_layer: unknown key; did you mean 'model.n_layer'? (n_layer lives in 'model')",
+        "train.batch_size: unknown key; did you mean 'train.micro_batch_size' (per rank)?",
+    )

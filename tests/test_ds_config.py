@@ -87,9 +87,29 @@ def test_agreeing_and_auto_values_are_fine() -> None:
 
 def test_conflict_names_both_files_and_values() -> None:
     found = problems({"train_batch_size": 64, "gradient_clipping": 1.0})
-    assert len(found) == 2
-    assert 'ds.json sets "train_batch_size": 64, but spec.yaml gives 24' in found[0]
-    assert 'ds.json sets "gradient_clipping": 1.0, but spec.yaml gives 0.5' in found[1]
+    assert found == [
+        'ds.json sets "train_batch_size": 64, but train.micro_batch_size=4 in spec.yaml x '
+        "train.grad_accum_steps=3 in spec.yaml x 2 data-parallel rank(s) gives 24; remove "
+        '"train_batch_size" from ds.json (the launcher fills it) or make the two agree',
+        'ds.json sets "gradient_clipping": 1.0, but train.grad_clip=0.5 in spec.yaml gives 0.5; '
+        'remove "gradient_clipping" from ds.json (the launcher fills it) or make the two agree',
+    ]
+
+
+def test_a_conflict_names_the_set_override_a_value_came_from() -> None:
+    with pytest.raises(DSConfigError) as e:
+        resolve_engine(
+            {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 64},
+            TRAIN,
+            2,
+            paths=("spec.yaml", "ds.json"),
+            device_type="cpu",
+            bf16_supported=False,
+            overridden=frozenset({"train.micro_batch_size"}),
+        )
+    micro, total = e.value.problems
+    assert "but --set train.micro_batch_size=4 gives 4" in micro
+    assert "--set train.micro_batch_size=4 x train.grad_accum_steps=3 in spec.yaml" in total
 
 
 def test_optimizer_section_belongs_to_the_spec() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config.ds_schema import schema_problems, top_level_notes, zero_model
+from launcher.config.paths import file_problem
 from launcher.config.spec import TrainConfig
 from launcher.errors import UserError
 
@@ -105,13 +106,16 @@ class EngineSettings:
 def load_ds_config(path: Path) -> dict:
     """Read a DeepSpeed JSON file; errors give file, line and column."""
     path = Path(path)
-    if not path.exists():
+    problem = file_problem(path)
+    if problem:
         raise DSConfigError(
-            f"DeepSpeed config {path} does not exist; pass --ds_config with one of "
-            f"ds_configs/*.json"
+            f"DeepSpeed config {path} {problem}; pass --ds_config with a JSON file such as "
+            "ds_configs/zero2.json"
         )
     try:
         config = json.loads(path.read_text())
+    except UnicodeDecodeError as e:
+        raise DSConfigError(f"DeepSpeed config {path} is not text ({e}); pass a JSON file") from e
     except json.JSONDecodeError as e:
         raise DSConfigError(
             f"DeepSpeed config {path}, line {e.lineno}, column {e.colno}: {e.msg}"
@@ -139,14 +143,34 @@ def batch_fields(train: TrainConfig, dp_size: int) -> dict[str, Any]:
 
 
 _SPEC_KEYS = {
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum_steps",
-    "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x data-parallel size",
-    "gradient_clipping": "train.grad_clip",
+    "train_micro_batch_size_per_gpu": ("micro_batch_size",),
+    "gradient_accumulation_steps": ("grad_accum_steps",),
+    "train_batch_size": ("micro_batch_size", "grad_accum_steps"),
+    "gradient_clipping": ("grad_clip",),
 }
 
 
-def _spec_problems(config: dict, train: TrainConfig, dp_size: int, paths: tuple[str, str]):
+def _spec_side(field: str, train: TrainConfig, dp_size: int, spec_path: str, overridden) -> str:
+    """Where the spec's value of a DeepSpeed field comes from: each key with its source (the
+    spec file or --set) and, for the global batch, the data-parallel size."""
+    parts = []
+    for name in _SPEC_KEYS[field]:
+        key, value = f"train.{name}", getattr(train, name)
+        parts.append(
+            f"--set {key}={value}" if key in overridden else f"{key}={value} in {spec_path}"
+        )
+    if field == "train_batch_size":
+        parts.append(f"{dp_size} data-parallel rank(s)")
+    return " x ".join(parts)
+
+
+def _spec_problems(
+    config: dict,
+    train: TrainConfig,
+    dp_size: int,
+    paths: tuple[str, str],
+    overridden: frozenset[str],
+) -> list[str]:
     """Sections the spec owns, and batch fields that disagree with it; fills the batch fields."""
     spec_path, ds_path = paths
     problems = []
@@ -159,10 +183,10 @@ def _spec_problems(config: dict, train: TrainConfig, dp_size: int, paths: tuple[
     for key, value in batch_fields(train, dp_size).items():
         given = config.get(key, "auto")
         if given != "auto" and given != value:
+            source = _spec_side(key, train, dp_size, spec_path, overridden)
             problems.append(
-                f'{ds_path} sets "{key}": {given!r}, but {spec_path} gives {value!r} '
-                f'({_SPEC_KEYS[key]}, {dp_size} data-parallel rank(s)); remove "{key}" from '
-                f"{ds_path} (the launcher fills it) or make the two agree"
+                f'{ds_path} sets "{key}": {given!r}, but {source} gives {value!r}; remove '
+                f'"{key}" from {ds_path} (the launcher fills it) or make the two agree'
             )
         config[key] = value
     return problems
@@ -216,15 +240,17 @@ def resolve_engine(
     paths: tuple[str, str],
     device_type: str,
     bf16_supported: bool,
+    overridden: frozenset[str] = frozenset(),
 ) -> tuple[EngineSettings, list[str]]:
     """The job's engine settings from the JSON and the spec, and notes worth a warning.
 
-    `paths` is (spec path, DeepSpeed JSON path) as the user gave them, for messages. Raises one
+    `paths` is (spec path, DeepSpeed JSON path) as the user gave them and `overridden` the spec
+    keys given with --set, for messages that name where each value came from. Raises one
     DSConfigError listing every problem found.
     """
     ds_path = paths[1]
     config = copy.deepcopy(ds_config)
-    problems = _spec_problems(config, train, dp_size, paths)
+    problems = _spec_problems(config, train, dp_size, paths, overridden)
     problems += schema_problems(config, ds_path)
     zero = config.get("zero_optimization", {})
     if isinstance(zero, dict):

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from launcher.config.paths import DEFAULT_SPEC, display_path, find_config
+from launcher.config.paths import DEFAULT_SPEC, display_path, file_problem, find_config
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 
@@ -103,6 +103,64 @@ def _build_list(item_type: type, value: Any, path: str, problems: list[str]) -> 
     return built
 
 
+# Where other tools' names live in this spec (DeepSpeed, Hugging Face, Megatron, nanoGPT).
+ELSEWHERE = {
+    "optimizer": "the optimizer's settings are train.lr, train.beta1, train.beta2 and "
+    "train.weight_decay (AdamW)",
+    "scheduler": "the LR schedule's settings are train.lr, train.min_lr, train.warmup_steps and "
+    "train.lr_decay_steps (warmup, then cosine)",
+    "training": "did you mean 'train'?",
+    "trainer": "did you mean 'train'?",
+    "logging": "logging settings live in 'monitor' (and train.log_interval)",
+    "wandb": "did you mean 'monitor.wandb'?",
+    "evaluation": "did you mean 'eval'?",
+    "checkpointing": "did you mean 'checkpoint'?",
+    "dataset": "did you mean 'data'?",
+    "zero_optimization": "ZeRO settings go in the DeepSpeed JSON (--ds_config), not the spec",
+    "deepspeed": "DeepSpeed settings go in the DeepSpeed JSON (--ds_config), not the spec",
+    "bf16": 'precision goes in the DeepSpeed JSON (--ds_config): "bf16": {"enabled": true}',
+    "fp16": 'precision goes in the DeepSpeed JSON (--ds_config): "fp16": {"enabled": true}',
+    "batch_size": "did you mean 'train.micro_batch_size' (per rank)?",
+    "gradient_accumulation_steps": "did you mean 'train.grad_accum_steps'?",
+    "learning_rate": "did you mean 'train.lr'?",
+    "max_iters": "did you mean 'train.max_steps'?",
+    "eval_interval": "did you mean 'eval.interval'?",
+}
+ALIASES = {"optimiser": "optimizer", "optim": "optimizer", "lr_scheduler": "scheduler",
+           "schedule": "scheduler"}  # fmt: skip
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a spec dataclass, sections included."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        keys.append(f"{prefix}{f.name}")
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, f"{prefix}{f.name}.")
+    return keys
+
+
+def suggest(key: str, prefix: str, names: list[str]) -> str:
+    """What an unknown key probably meant: the same name in another section, another tool's
+    name for a setting, a close sibling, a close key anywhere; else the section's valid keys."""
+    everywhere = _all_keys(RunSpec)
+    same = [k for k in everywhere if k.rsplit(".", 1)[-1] == key and not k.startswith(prefix)]
+    if same:
+        return f"did you mean '{same[0]}'? ({key} lives in '{same[0].rsplit('.', 1)[0]}')"
+    alias = ALIASES.get(key.lower(), key.lower())
+    if alias in ELSEWHERE:
+        return ELSEWHERE[alias]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{prefix}{close[0]}'?"
+    leaves = {k.rsplit(".", 1)[-1]: k for k in everywhere}
+    close = difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.75)
+    if close:
+        return f"did you mean '{leaves[close[0]]}'?"
+    return f"valid keys here: {', '.join(names)}"
+
+
 def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     """Instantiate dataclass `cls` from a mapping, appending every problem found."""
     if data is None:
@@ -116,9 +174,7 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in hints:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {names}"
-            problems.append(f"{path}: unknown key{hint}")
+            problems.append(f"{path}: unknown key; {suggest(str(key), prefix, names)}")
             continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -160,13 +216,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise UserError(
-            f"run spec {path} does not exist; pass --spec PATH to an existing YAML file"
-        )
+    problem = file_problem(path)
+    if problem:
+        raise UserError(f"run spec {path} {problem}; pass --spec PATH to a YAML file")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"run spec {path} is not valid YAML: {e}") from e
     if raw is None:
         return {}

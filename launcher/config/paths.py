@@ -26,6 +26,20 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
+def file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a file (missing, a directory, unreadable), or None."""
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a directory, not a file"
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+
+
 def find_config(path: Path) -> Path:
     """A config path as given; a relative one missing here is looked up in the project too, so
     `--ds_config ds_configs/zero3.json` finds the shipped file from any folder."""

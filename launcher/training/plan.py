@@ -182,10 +182,15 @@ def _attempt(problems: list[str], check):
 
 
 def engine_settings(
-    spec: RunSpec, spec_path: Path | None, ds_path: Path, world_size: int, device: str
+    spec: RunSpec,
+    spec_path: Path | None,
+    ds_path: Path,
+    world_size: int,
+    device: str,
+    overrides: tuple[str, ...] = (),
 ) -> tuple[EngineSettings, list[str]]:
-    """The DeepSpeed JSON at ds_path, checked against the spec and resolved for this job; and
-    warnings about it."""
+    """The DeepSpeed JSON at ds_path, checked against the spec (and the --set `overrides` it
+    was loaded with) and resolved for this job; and warnings about it."""
     return resolve_engine(
         load_ds_config(ds_path),
         spec.train,
@@ -193,6 +198,7 @@ def engine_settings(
         paths=(display_path(spec_path or DEFAULT_SPEC), display_path(ds_path)),
         device_type=device,
         bf16_supported=bf16_supported(device),
+        overridden=frozenset(item.partition("=")[0].strip() for item in overrides),
     )
 
 
@@ -209,7 +215,8 @@ def prepare_run(
     device = device or device_type()
     problems: list[str] = []
     engine, warnings = _attempt(
-        problems, lambda: engine_settings(spec, spec_path, ds_path, env.world_size, device)
+        problems,
+        lambda: engine_settings(spec, spec_path, ds_path, env.world_size, device, overrides),
     ) or (None, [])
     data = _attempt(problems, lambda: open_data(spec))
     if data is not None:
