@@ -25,9 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--run", type=Path, required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=Path, required=True, help="output directory (new or empty)")
+    p.add_argument(
+        "--force", action="store_true", help="replace the exported files in a non-empty --out"
+    )
     args = p.parse_args(argv)
-    tag_dir = export(args.run, args.tag, args.out)
+    tag_dir = export(args.run, args.tag, args.out, force=args.force)
     print(f"exported {tag_dir} -> {args.out} (model.safetensors, config.json, {TOKENIZER_FILE})")
     return 0
 

@@ -270,6 +270,39 @@ def test_missing_tags_and_non_checkpoints_are_clear_errors(
         assert result.returncode == 2 and "not a zerolaunch run directory" in result.stderr
 
 
+def test_export_never_writes_into_a_run_or_over_a_users_files(
+    base_run: Path, tmp_path: Path
+) -> None:
+    def export(out: Path, *extra: str):
+        cmd = [PYTHON, "-m", "launcher.export", "--run", str(base_run), "--out", str(out)]
+        return run([*cmd, *extra], check=False)
+
+    def files(d: Path) -> dict:
+        return {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+    before = files(base_run)
+    tag = base_run / "checkpoints" / "global_step5"
+    for target in (tag, base_run / "checkpoints", base_run, tag / "sub"):
+        result = export(target)
+        assert result.returncode == 2 and "a zerolaunch run or checkpoint" in result.stderr
+    assert files(base_run) == before  # the completion marker and everything else untouched
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("my own")
+    refused = export(mine)
+    assert refused.returncode == 2 and "already holds files (config.json)" in refused.stderr
+    assert (mine / "config.json").read_text() == "my own"
+    (tmp_path / "afile").write_text("x")
+    assert "is a file" in export(tmp_path / "afile").stderr
+    export(mine, "--force").check_returncode()
+    assert {p.name for p in mine.iterdir()} == {
+        "model.safetensors",
+        "config.json",
+        "zerolaunch_tokenizer.json",
+        "zerolaunch_export.json",  # never the checkpoint marker's name
+    }
+
+
 def _fake_tag(ckpt_dir: Path, step: int, val: float) -> None:
     tag = store.tag_for(step)
     (ckpt_dir / tag).mkdir(parents=True)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from data_pipeline.tokenizers import load_tokenizer
 from launcher.checkpoints import store
+from launcher.checkpoints.contract import META_FILE
 from launcher.errors import UserError
 from model.gpt import GPTConfig
 
@@ -123,7 +124,32 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[tuple, Callable]]) ->
     tmp.replace(path)
 
 
-def export(run_dir: Path, tag: str | None, out: Path) -> Path:
+EXPORT_META = "zerolaunch_export.json"
+"""Where an export came from (never the checkpoint marker's name)."""
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse an output directory that is (or is inside) a run or a checkpoint, a file, or a
+    directory that already holds files (unless force: then only our files are replaced)."""
+    for d in (out, *out.parents):
+        if (d / META_FILE).exists() or (d / "spec.yaml").exists() or (d / store.LATEST).exists():
+            raise UserError(
+                f"--out {out} is inside {d}, a zerolaunch run or checkpoint: exporting there "
+                "could overwrite its files; pick a directory of its own, e.g. exported/NAME"
+            )
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory for the exported model")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not force:
+        raise UserError(
+            f"--out {out} already holds files ({', '.join(held[:5])}); pick an empty or new "
+            "directory, or pass --force to replace the exported files"
+        )
+
+
+def export(run_dir: Path, tag: str | None, out: Path, force: bool = False) -> Path:
+    """Write the run's tag (default latest) into `out` in the Hugging Face GPT-2 layout."""
+    check_output_dir(out, force)
     tag_dir = store.resolve_tag(run_dir, tag)
     spec = store.read_run_spec(run_dir)
     weights = store.load_weights(tag_dir, lazy=True)
@@ -135,11 +161,8 @@ def export(run_dir: Path, tag: str | None, out: Path) -> Path:
     (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False))
     if tokenizer.get("type") == "sentencepiece":
         shutil.copyfile(run_dir / tokenizer["model"], out / tokenizer["model"])
-    (out / "zerolaunch.json").write_text(
-        json.dumps(
-            {"run": str(run_dir), "tag": tag_dir.name, "model": asdict(spec.model)}, indent=1
-        )
-    )
+    source = {"run": str(run_dir), "tag": tag_dir.name, "model": asdict(spec.model)}
+    (out / EXPORT_META).write_text(json.dumps(source, indent=1))
     return tag_dir
 
 
