@@ -233,7 +233,8 @@ def run_benchmark(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = timed(steps, args.steps, args.warmup, device)
-    peak, peak_source = mfu.device_peak(device, engine_cfg.half, spec.monitor.peak_flops)
+    found = mfu.device_peak(device, engine_cfg.half, spec.monitor.peak_flops)
+    peak, peak_source = found.flops, found.source
     figures = Figures(
         flops_per_token(m), t.micro_batch_size * t.grad_accum_steps * m.block_size, peak
     )

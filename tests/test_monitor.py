@@ -118,6 +118,46 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path: Path, monkeypatch) -> No
     assert mfu.cpu_peak(torch.float32) == first
 
 
+def test_a_stale_or_too_low_cpu_peak_is_measured_again(tmp_path: Path, monkeypatch) -> None:
+    import json
+
+    import torch
+
+    monkeypatch.setenv("ZEROLAUNCH_CACHE", str(tmp_path))
+    measured = mfu.cpu_peak(torch.float32)
+    cache = tmp_path / "cpu_peak.json"
+    (key,) = json.loads(cache.read_text())
+    cache.write_text(json.dumps({key: 1e6}))  # an older version's bare number: stale
+    assert mfu.cpu_peak(torch.float32) > 1e9
+    low = {"flops": 1e6, "measured_at": 4e9}  # "measured" on a loaded machine, and recent
+    cache.write_text(json.dumps({key: low}))
+    assert mfu.cpu_peak(torch.float32) == 1e6  # trusted until something says otherwise
+    assert mfu.cpu_peak(torch.float32, refresh=True) > 0.3 * measured  # the best ever seen
+    high = {"flops": 1e15, "measured_at": 4e9}
+    cache.write_text(json.dumps({key: high}))
+    assert mfu.cpu_peak(torch.float32, refresh=True) == 1e15  # a busy re-measure never lowers
+
+
+def test_mfu_is_never_above_100_percent(capsys) -> None:
+    import torch
+
+    from launcher.monitoring.metrics import Reporter, Throughput
+    from launcher.monitoring.timing import StepTimer
+
+    def reporter(remeasure):
+        # 1,000 tokens/s x 1e6 FLOPs/token = 1 GFLOP/s against a "peak" of 0.1 GFLOP/s.
+        throughput = Throughput(1000, 10, 1, 10**6, 1e8, 0.5, remeasure)
+        return Reporter(throughput, StepTimer(torch.device("cpu"), False),
+                        OverfitDetector(3, 0.0), None, 0.0)  # fmt: skip
+
+    fixed = reporter(lambda: 4e9)._rates(steps=1, seconds=1.0)  # measured again: 4 GFLOP/s
+    assert fixed["mfu"] == pytest.approx(25.0) and fixed["hfu"] < 100
+    assert "measured again: 0.004 TFLOP/s" in capsys.readouterr().err
+    capped = reporter(None)._rates(steps=1, seconds=1.0)  # a given peak: capped, one warning
+    assert capped["mfu"] == capped["hfu"] == 100.0
+    assert "reported as 100" in capsys.readouterr().err
+
+
 def test_wandb_mode_defaults(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

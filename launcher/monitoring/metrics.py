@@ -10,7 +10,8 @@ import math
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -48,6 +49,8 @@ class Throughput:
     """Peak FLOP/s of one device; 0 where unknown (ranks other than 0): no MFU."""
     recompute_fraction: float
     """Share of blocks recomputed in backward (activation checkpointing), for HFU."""
+    remeasure_peak: Callable[[], float] | None = None
+    """Measures the peak again (a measured peak only): called when MFU comes out above 100%."""
 
     def rates(self, steps: int, seconds: float) -> dict[str, float]:
         """tokens/s (all ranks and per device), MFU and HFU over `steps` steps in `seconds`."""
@@ -107,6 +110,7 @@ class Reporter:
         self.totals = {"step": 0.0, "forward": 0.0, "backward": 0.0}
         self.losses: dict[str, float] = {}
         """The latest train_loss, val_loss and val_step, for the checkpoint's metadata."""
+        self.capped = False
 
     def step_started(self) -> None:
         """Call at the start of every step (its micro-steps' timing marks follow)."""
@@ -139,7 +143,7 @@ class Reporter:
         for key in self.totals:
             self.totals[key] += times[key]
         n = max(times["steps"], 1)
-        rates = self.throughput.rates(n, times["step"])
+        rates = self._rates(n, times["step"])
         block = self.throughput.block_size
         self.losses["train_loss"] = window
         self.window_loss.zero_()
@@ -171,6 +175,33 @@ class Reporter:
                 record[f"Timing/{name}_avg"] = times[key] / n
                 record[f"Timing/{name}_tot"] = self.totals[key]
         return record
+
+    def _rates(self, steps: int, seconds: float) -> dict[str, float]:
+        """Throughput and utilisation; never MFU or HFU above 100%: a measured peak that gives
+        more is measured again (it was measured on a busy machine), and what still exceeds it
+        is capped, with one warning."""
+        rates = self.throughput.rates(steps, seconds)
+        remeasure = self.throughput.remeasure_peak
+        if max(rates["mfu"], rates["hfu"]) > 100.0 and remeasure is not None:
+            old = self.throughput.peak_flops
+            self.throughput = replace(self.throughput, peak_flops=remeasure(), remeasure_peak=None)
+            print(
+                f"warning: MFU above 100% against the measured peak of {old / 1e12:,.3f} TFLOP/s "
+                f"(measured on a busy machine?); measured again: "
+                f"{self.throughput.peak_flops / 1e12:,.3f} TFLOP/s",
+                file=sys.stderr,
+                flush=True,
+            )
+            rates = self.throughput.rates(steps, seconds)
+        if max(rates["mfu"], rates["hfu"]) > 100.0 and not self.capped:
+            self.capped = True
+            print(
+                "warning: MFU above 100% of the peak: reported as 100; set monitor.peak_flops "
+                "to this device's real peak",
+                file=sys.stderr,
+                flush=True,
+            )
+        return rates | {"mfu": min(rates["mfu"], 100.0), "hfu": min(rates["hfu"], 100.0)}
 
     def val_record(self, step: int, val: float) -> dict:
         """Loss/val and the overfitting view; fires the detector's warning once."""

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -90,42 +91,77 @@ def measure_matmul_peak(
     return best
 
 
-def cpu_peak(dtype: torch.dtype) -> float:
-    """This CPU's matmul peak at this process's thread count, measured once and cached."""
+CACHE_MAX_AGE_S = 7 * 86400.0
+"""A cached CPU peak older than this is measured again (a new kernel, BIOS, neighbours)."""
+TRIALS = 3
+
+
+def cpu_peak(dtype: torch.dtype, refresh: bool = False) -> float:
+    """This CPU's matmul peak at this process's thread count, cached per CPU, thread count,
+    dtype and torch version. Measured (best of TRIALS) when missing, older than
+    CACHE_MAX_AGE_S, or on `refresh`; a load on the machine can only make a measurement low,
+    so the cache keeps the best ever seen."""
     key = f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
     cache = _cache_file()
     try:
         known = json.loads(cache.read_text())
     except (OSError, json.JSONDecodeError):
         known = {}
-    if key not in known:
-        known[key] = measure_matmul_peak(dtype)
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known, indent=1))
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # an unwritable cache only costs a re-measurement next time
-    return known[key]
+    entry = known.get(key)
+    if not isinstance(entry, dict):  # missing, or a bare number from an older version
+        entry = {"flops": float(entry or 0.0), "measured_at": 0.0}
+    if refresh or time.time() - entry["measured_at"] > CACHE_MAX_AGE_S:
+        best = max(measure_matmul_peak(dtype, seconds=0.5) for _ in range(TRIALS))
+        entry = {"flops": max(best, entry["flops"]), "measured_at": time.time()}
+        known[key] = entry
+        _write_cache(cache, known)
+    return entry["flops"]
 
 
-def device_peak(
-    device: torch.device, half_precision: bool, override: float | None
-) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where it came from)."""
+def _write_cache(cache: Path, known: dict) -> None:
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # an unwritable cache only costs a re-measurement next time
+
+
+@dataclass(frozen=True)
+class Peak:
+    """One device's peak FLOP/s, where it came from, and how to measure it again."""
+
+    flops: float
+    source: str
+    measured: bool
+    """Measured here (CPUs, GPUs missing from the table): it can be too low on a busy machine."""
+
+    def remeasured(self, device: torch.device, half_precision: bool) -> Peak:
+        """A fresh measurement (the best of it and the cached one, on CPUs)."""
+        dtype = torch.bfloat16 if half_precision else torch.float32
+        if device.type == "cuda":
+            best = max(self.flops, measure_matmul_peak(dtype, size=8192, device=device))
+        else:
+            best = cpu_peak(dtype, refresh=True)
+        return Peak(best, self.source, self.measured)
+
+
+def device_peak(device: torch.device, half_precision: bool, override: float | None) -> Peak:
+    """The peak FLOP/s of one device: monitor.peak_flops, the datasheet, or a measurement."""
     if override is not None:
-        return override, "monitor.peak_flops"
+        return Peak(override, "monitor.peak_flops", measured=False)
+    dtype = torch.bfloat16 if half_precision else torch.float32
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = table_peak(name, half_precision)
         if peak is not None:
-            return peak, f"{name} ({'bf16/fp16' if half_precision else 'tf32'} datasheet)"
-        dtype = torch.bfloat16 if half_precision else torch.float32
+            precision = "bf16/fp16" if half_precision else "tf32"
+            return Peak(peak, f"{name} ({precision} datasheet)", measured=False)
         peak = measure_matmul_peak(dtype, size=8192, device=device)
-        return peak, f"{name} (measured: not in the table)"
-    dtype = torch.bfloat16 if half_precision else torch.float32
-    return cpu_peak(dtype), f"{cpu_name()}, {torch.get_num_threads()} thread(s) (measured)"
+        return Peak(peak, f"{name} (measured: not in the table)", measured=True)
+    threads = torch.get_num_threads()
+    return Peak(cpu_peak(dtype), f"{cpu_name()}, {threads} thread(s) (measured)", measured=True)
 
 
 def mfu(flops_per_token: float, tokens_per_sec_per_device: float, peak: float) -> float:

@@ -102,18 +102,21 @@ def _reporter(plan: RunPlan, device: torch.device, started_at: float, step: int)
     spec, env = plan.spec, plan.env
     saved = plan.resume.meta.monitor if plan.resume else {}
     detector = OverfitDetector.resume(spec.eval, saved)
-    peak, sinks = 0.0, None
+    peak, sinks = mfu.Peak(0.0, "", measured=False), None
     if env.is_main:  # a CPU peak is measured: once, by rank 0
-        peak, source = mfu.device_peak(device, plan.engine.half, spec.monitor.peak_flops)
-        print(f"MFU against {peak / 1e12:,.3f} TFLOP/s per device: {source}", flush=True)
+        peak = mfu.device_peak(device, plan.engine.half, spec.monitor.peak_flops)
+        print(f"MFU against {peak.flops / 1e12:,.3f} TFLOP/s per device: {peak.source}", flush=True)
         sinks = _sinks(plan, step)
     throughput = Throughput(
         tokens_per_step=plan.engine.train_batch_size * spec.model.block_size,
         block_size=spec.model.block_size,
         world_size=env.world_size,
         flops_per_token=flops_per_token(spec.model),
-        peak_flops=peak,
+        peak_flops=peak.flops,
         recompute_fraction=recompute_fraction(spec.model),
+        remeasure_peak=(lambda: peak.remeasured(device, plan.engine.half).flops)
+        if peak.measured
+        else None,
     )
     timer = StepTimer(device, spec.monitor.detailed_timing)
     return Reporter(throughput, timer, detector, sinks, started_at)
