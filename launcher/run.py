@@ -79,11 +79,11 @@ def _start(plan: RunPlan) -> torch.device:
 
     env = plan.env
     device = select_device(env)
+    init_process_group()  # before any file: a taken port leaves the run directory untouched
     if env.is_main:
         for warning in plan.warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         write_run_files(plan)
-    init_process_group()
     ranks = rank_map(env, device)
     if env.is_main:  # where each rank runs: out_dir/ranks.json
         (plan.spec.run_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))

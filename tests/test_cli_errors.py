@@ -177,3 +177,25 @@ def test_suggestions_know_where_keys_live() -> None:
         "train.n_layer: unknown key; did you mean 'model.n_layer'? (n_layer lives in 'model')",
         "train.batch_size: unknown key; did you mean 'train.micro_batch_size' (per rank)?",
     )
+
+
+def test_a_rendezvous_port_in_use_says_how_to_choose_another(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    import socket
+
+    out = tmp_path / "r"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run(
+            [PYTHON, "launcher/run.py", *overrides(f"data.train={tiny_data}", f"out_dir={out}")],
+            check=False,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+    assert_user_error(
+        result, f"rank 0 cannot listen on 127.0.0.1:{port}: the port is in use", "--master_port"
+    )
+    assert not out.exists()  # nothing written before the process group was up

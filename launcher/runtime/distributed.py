@@ -180,10 +180,21 @@ def select_device(env: DistEnv) -> torch.device:
 
 
 def init_process_group() -> None:
-    """Start the collective backend (NCCL on GPUs, gloo + shared memory on CPU)."""
+    """Start the collective backend (NCCL on GPUs, gloo + shared memory on CPU); a rendezvous
+    port already in use is a LaunchEnvError that says how to choose another."""
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
+    try:
+        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False, verbose=False)
+    except (RuntimeError, OSError) as e:  # torch's DistNetworkError is a RuntimeError
+        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+            raise
+        address = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise LaunchEnvError(
+            f"rank 0 cannot listen on {address}: the port is in use (another run on this "
+            "machine?). Choose a free one: deepspeed --master_port N ..., torchrun --master_port "
+            "N ..., or export MASTER_PORT=N"
+        ) from None
 
 
 def rank_map(env: DistEnv, device: torch.device) -> list[dict]:
