@@ -42,7 +42,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
     try:
         code = main()
     except UserError as e:
-        if _rank() == 0:
+        if launcher_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
@@ -50,7 +50,7 @@ def run_cli(main: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
-def _rank() -> int:
+def launcher_rank() -> int:
     """This process's rank from whichever launcher started it (before any is parsed)."""
     for key in RANK_VARIABLES:
         if os.environ.get(key, "").isdigit():

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import time
 
 import pytest
 import torch
-from conftest import PYTHON, TINY, overrides, read_metrics, run
+from conftest import DEEPSPEED, PYTHON, REPO, TINY, overrides, read_metrics, run
 
 from launcher.config.spec import parse_duration
 from launcher.errors import EXIT_REQUEUE
@@ -155,6 +157,21 @@ def test_a_signal_asks_for_a_stop_instead_of_killing(monkeypatch) -> None:
             signal.signal(sig, handler)
 
 
+def test_ctrl_c_asks_for_a_save_and_twice_stops_at_once(monkeypatch) -> None:
+    monkeypatch.setattr(stopping, "_received", [])
+    previous = {s: signal.getsignal(s) for s in stopping.STOP_SIGNALS}
+    try:
+        stopping.install_signal_handlers()
+        stopper = stopping.Stopper(torch.device("cpu"), stopping.Deadline(None), 0)
+        signal.raise_signal(signal.SIGINT)
+        assert stopper.poll() is None and stopper.poll() == "received SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 LAGGED = """
 import sys, torch, torch.distributed as dist
 from launcher.runtime.stopping import LaggedMax
@@ -207,3 +224,61 @@ def test_time_limit_saves_exits_75_and_the_same_command_finishes(tiny_data, tmp_
     assert f"resumed from {out / 'checkpoints' / f'global_step{step}'}" in second.stdout
     steps = [m["step"] for m in read_metrics(out) if "Loss/train" in m]
     assert steps == list(range(1, step + 6))
+
+
+def start_deepspeed_run(tiny_data, out):
+    """2 ranks under the deepspeed runner in a session of their own, training until stopped."""
+    items = [*TINY, f"data.train={tiny_data}", f"out_dir={out}", "train.log_interval=1"]
+    items += ["train.max_steps=100000", "checkpoint.interval=0", "sample.max_new_tokens=0"]
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launcher/run.py",
+           "--ds_config", "ds_configs/zero2.json", *overrides(*items)]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    pipe, merged = subprocess.PIPE, subprocess.STDOUT
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=pipe, stderr=merged, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 180
+    while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.5)
+    return proc
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stopped_step(output: str, reason: str, out) -> int:
+    found = re.search(rf"stopping at step (\d+) of 100000: {reason}; checkpoint saved", output)
+    assert found, output
+    step = int(found.group(1))
+    assert (out / "checkpoints" / "latest").read_text() == f"global_step{step}"
+    return step
+
+
+@pytest.mark.integration
+def test_ctrl_c_saves_and_the_same_command_resumes(tiny_data, tmp_path) -> None:
+    out = tmp_path / "run"
+    proc = start_deepspeed_run(tiny_data, out)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: every process
+    output, _ = proc.communicate(timeout=180)  # returns once every rank has closed its output
+    step = stopped_step(output, "received SIGINT", out)
+    assert "interrupted: saving at the next step boundary" in output
+    items = [*TINY, f"data.train={tiny_data}", f"out_dir={out}", "train.log_interval=1"]
+    items += [f"train.max_steps={step + 2}", "sample.max_new_tokens=0"]
+    resumed = run([PYTHON, "launcher/run.py", "--ds_config", "ds_configs/zero2.json",
+                   *overrides(*items)])  # fmt: skip
+    assert f"at step {step}" in resumed.stdout
+
+
+@pytest.mark.integration
+def test_ranks_whose_launcher_is_gone_save_and_stop(tiny_data, tmp_path) -> None:
+    out = tmp_path / "run"
+    proc = start_deepspeed_run(tiny_data, out)
+    proc.send_signal(signal.SIGINT)  # the runner alone: it exits, its ranks would train on
+    output, _ = proc.communicate(timeout=180)  # returns once every rank has closed its output
+    stopped_step(output, r"the launcher that started the ranks \(pid \d+\) is gone", out)

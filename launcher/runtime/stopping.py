@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +28,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from launcher.errors import launcher_rank
 from launcher.runtime import slurm
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+LAUNCHER_CHECK_S = 1.0
+"""How often a rank checks that the launcher that started it is still there."""
 SLURM_RECHECK_S = 300.0
 """How often rank 0 re-reads the Slurm job's end time (an admin may extend it)."""
 SAVE_BYTES_PER_S = 200e6
@@ -39,13 +43,62 @@ _received: list[int] = []
 
 
 def _record(signum: int, frame: object) -> None:
+    if signum == signal.SIGINT and signal.SIGINT in _received:
+        raise KeyboardInterrupt  # Ctrl-C twice: stop now, without the save
     _received.append(signum)
+    if signum == signal.SIGINT and launcher_rank() == 0:
+        print(
+            "\ninterrupted: saving at the next step boundary, then stopping (Ctrl-C again to "
+            "stop at once, without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def install_signal_handlers() -> None:
-    """From now on USR1 and TERM ask for a save-and-stop instead of killing the process."""
+    """From now on USR1, TERM and a first INT (Ctrl-C) ask for a save-and-stop instead of
+    killing the process; a second INT stops it at once."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, _record)
+
+
+def launcher_chain() -> list[tuple[int, float]]:
+    """(pid, start time) of the launcher processes above this one (the deepspeed runner and its
+    launch.py, torchrun's agent): a rank whose launcher is gone stops with a save instead of
+    training on with nobody watching. Empty for a process started by a shell, srun or mpirun
+    (a run under `nohup` survives its shell as intended)."""
+    import psutil
+
+    chain = []
+    try:
+        parent = psutil.Process().parent()
+        while parent is not None and _is_launcher(parent.cmdline()):
+            chain.append((parent.pid, parent.create_time()))
+            parent = parent.parent()
+    except psutil.Error:
+        pass
+    return chain
+
+
+def _is_launcher(cmdline: list[str]) -> bool:
+    text = " ".join(cmdline)
+    markers = ("deepspeed.launcher", "bin/deepspeed", "torch.distributed.run", "bin/torchrun")
+    return any(m in text for m in markers)
+
+
+def launcher_gone(chain: list[tuple[int, float]]) -> int | None:
+    """The pid of the first launcher of `chain` that is no longer running, or None."""
+    import psutil
+
+    for pid, started in chain:
+        try:
+            process = psutil.Process(pid)
+            alive = process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            alive = False
+        if not alive:
+            return pid
+    return None
 
 
 def received_signal() -> int:
@@ -132,7 +185,9 @@ class Stopper:
         """`stop_file` (rank 0's): its appearance asks for a stop; `checkpoint_bytes` guesses
         how long a save takes until one has been timed."""
         self.deadline, self.clock = deadline, deadline.clock
-        self.flags = LaggedMax(3, device)
+        self.flags = LaggedMax(4, device)
+        self.launchers = launcher_chain()
+        self.launcher_checked, self.launcher_lost = -float("inf"), 0
         self.stop_file = Path(stop_file) if stop_file else None
         self.stop_note = ""
         self.slowest_step = 0.0
@@ -151,10 +206,12 @@ class Stopper:
         now = self.clock()
         self.slowest_step = max(self.slowest_step, now - self.last_boundary)
         self.last_boundary = now
-        local = [float(received_signal()), float(self._deadline_near(now)), float(self._file())]
-        signum, deadline, requested = (int(v) for v in self.flags(local))
+        local = [received_signal(), self._deadline_near(now), self._file(), self._orphaned(now)]
+        signum, deadline, requested, lost = (int(v) for v in self.flags([float(v) for v in local]))
         if signum:
             return f"received {signal.Signals(signum).name}"
+        if lost:
+            return f"the launcher that started the ranks (pid {lost}) is gone"
         if deadline:
             return "the time limit is near"
         if requested:
@@ -168,6 +225,15 @@ class Stopper:
         # The decision lands a step late: two more steps, then a save, with room for all of it
         # to run slower than the slowest yet.
         return now + 1.5 * (2 * self.slowest_step + self.slowest_save) >= deadline
+
+    def _orphaned(self, now: float) -> int:
+        """The pid of a launcher above this rank that has gone away (0: none), checked about
+        once a second."""
+        due = now - self.launcher_checked >= LAUNCHER_CHECK_S
+        if self.launchers and not self.launcher_lost and due:
+            self.launcher_checked = now
+            self.launcher_lost = launcher_gone(self.launchers) or 0
+        return self.launcher_lost
 
     def _file(self) -> bool:
         if self.stop_file is None or not self.stop_file.exists():
