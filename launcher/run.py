@@ -25,17 +25,19 @@ if __package__ in (None, ""):  # run as a script: import the project, not siblin
 
 import argparse
 import json
+import os
 import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
 from launcher.config.arguments import add_spec_arguments, config_paths
 from launcher.config.paths import DEFAULT_DS_CONFIG
-from launcher.errors import EXIT_REQUEUE, run_cli
+from launcher.errors import EXIT_REQUEUE, EXIT_USER_ERROR, run_cli
 
 if TYPE_CHECKING:
     import torch
 
+    from launcher.checkpoints.store import SaveError
     from launcher.training.loop import TrainState
     from launcher.training.plan import RunPlan
 
@@ -62,11 +64,29 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = prepare_run(*config_paths(args), args.overrides)
     # --- nothing above touched a process group or wrote a file ---
+    from launcher.checkpoints.store import SaveError
     from launcher.training.loop import train
 
     device = _start(plan)
-    engine, state = train(plan, device, started)
+    try:
+        engine, state = train(plan, device, started)
+    except SaveError as e:  # no checkpoint could be written: every rank stops now, exit 2
+        return _stop_on(e, plan.env.is_main)
     return _finish(plan, engine, state, device, started)
+
+
+def _stop_on(error: SaveError, is_main: bool) -> int:
+    """All ranks found it before writing: they leave together. One rank failed mid-save: the
+    others are in a collective it will never join, so it leaves alone (the launcher ends them)."""
+    from launcher.runtime.distributed import exit_together
+
+    if is_main or not error.together:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    if error.together:
+        return exit_together(EXIT_USER_ERROR)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_USER_ERROR)
 
 
 def _start(plan: RunPlan) -> torch.device:

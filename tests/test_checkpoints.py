@@ -324,3 +324,50 @@ def test_best_follows_val_loss_and_survives_rotation(tmp_path: Path) -> None:
     ]
     marker = json.loads((ckpt_dir / "global_step50" / store.META_FILE).read_text())
     assert marker["manifest"] == {"shard.pt": 50}
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 3 MiB filesystem (tmpfs): room for one checkpoint of the tiny model, not two."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI has it)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("checked", [True, False], ids=["before-writing", "mid-save"])
+def test_a_full_disk_stops_every_rank_with_one_message(
+    tiny_data: Path, small_disk: Path, checked: bool
+) -> None:
+    out = small_disk / "run"
+    env = {} if checked else {"ZEROLAUNCH_TEST_SKIP_SPACE_CHECK": "1"}  # let the write fail
+    result = deepspeed(
+        2,
+        "ds_configs/zero2.json",
+        *TINY,
+        f"data.train={tiny_data}",
+        f"out_dir={out}",
+        "train.max_steps=20",
+        "checkpoint.interval=5",
+        "checkpoint.keep_last=5",
+        "sample.max_new_tokens=0",
+        "monitor.wandb.enabled=false",
+        check=False,
+        **env,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    if checked:  # found before writing anything: every rank stops, one message, no traceback
+        assert "Traceback" not in output
+        assert "error: not enough space to save checkpoint global_step10 in" in result.stderr
+        assert "MiB free" in result.stderr and "checkpoint global_step5 is intact" in output
+        assert "warning: the next checkpoint will not fit" in result.stderr  # said at step 5
+    else:  # a write failed: that rank says why, the tag is incomplete or gone
+        assert "could not write checkpoint global_step10" in result.stderr
+        assert "global_step5 is intact" in result.stderr
+    assert store.read_pointer(out / "checkpoints", store.LATEST) == "global_step5"
+    assert store.verify(out / "checkpoints" / "global_step5") is None
+    assert [t for _, t in store.list_tags(out / "checkpoints")] == ["global_step5"]

@@ -201,28 +201,102 @@ def _rng_file(rank: int) -> str:
     return f"rng_state_rank{rank}.pt"
 
 
-def save(engine: Any, run_dir: Path, meta: CheckpointMeta, keep_last: int) -> Path:
-    """All ranks: write shards and RNG; then rank 0 completes the tag, pointers and rotation."""
+class SaveError(UserError):
+    """A checkpoint cannot be written. `together`: every rank knows and stops at once (found
+    before writing); else only the rank that failed knows, mid-save, and must stop alone."""
+
+    def __init__(self, message: str, together: bool) -> None:
+        super().__init__(message)
+        self.together = together
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def space_problem(ckpt_dir: Path, needed: int) -> str | None:
+    """Why a save of about `needed` bytes will not fit in ckpt_dir's filesystem, or None."""
+    probe = ckpt_dir if ckpt_dir.exists() else ckpt_dir.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free >= 1.1 * needed:
+        return None
+    return f"it needs about {_size(needed)} and {probe} has {_size(free)} free"
+
+
+def last_checkpoint_bytes(run_dir: Path) -> int | None:
+    """Size of the run's newest complete checkpoint: what the next save will take."""
+    ckpt_dir = checkpoint_dir(run_dir)
+    latest = read_pointer(ckpt_dir, LATEST)
+    try:
+        return read_meta(ckpt_dir / latest).bytes if latest else None
+    except UserError:
+        return None
+
+
+def save(
+    engine: Any, run_dir: Path, meta: CheckpointMeta, keep_last: int, expected_bytes: int
+) -> Path:
+    """All ranks: write shards and RNG; then rank 0 completes the tag, pointers and rotation.
+
+    Every rank first checks that about `expected_bytes` fit (one all-reduce: all stop together
+    before writing anything, exit 2); a write that fails anyway stops its rank (SaveError)."""
     dist = torch.distributed
     ckpt_dir, tag = checkpoint_dir(run_dir), tag_for(meta.step)
     tag_dir = ckpt_dir / tag
+    _check_space(ckpt_dir, tag, expected_bytes)
     if dist.get_rank() == 0:  # a stale, incomplete tag of the same name (an earlier crash)
         shutil.rmtree(tag_dir, ignore_errors=True)
         shutil.rmtree(ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(
-        str(ckpt_dir),
-        tag=tag,
-        client_state={"universal_checkpoint_info": UNIVERSAL_INFO},
-        save_latest=False,
-    )
-    torch.save(rng_state(), tag_dir / _rng_file(dist.get_rank()))
+    try:
+        engine.save_checkpoint(
+            str(ckpt_dir),
+            tag=tag,
+            client_state={"universal_checkpoint_info": UNIVERSAL_INFO},
+            save_latest=False,
+        )
+        torch.save(rng_state(), tag_dir / _rng_file(dist.get_rank()))
+    except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError or RuntimeError
+        _failed(ckpt_dir, tag, expected_bytes, e)
     _test_pause(meta.step)
     dist.barrier()  # every rank's files are on disk before the tag can count as complete
     if dist.get_rank() == 0:
         complete(ckpt_dir, tag, meta, keep_last)
     dist.barrier()
     return tag_dir
+
+
+def _check_space(ckpt_dir: Path, tag: str, expected_bytes: int) -> None:
+    problem = None if os.environ.get("ZEROLAUNCH_TEST_SKIP_SPACE_CHECK") else (
+        space_problem(ckpt_dir, expected_bytes)
+    )  # fmt: skip
+    short = torch.tensor([float(problem is not None)])
+    torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
+    if short.item():
+        latest = read_pointer(ckpt_dir, LATEST)
+        kept = f"checkpoint {latest} is intact" if latest else "run has no checkpoint yet"
+        raise SaveError(
+            f"not enough space to save checkpoint {tag} in {ckpt_dir}: "
+            f"{problem or 'another rank found its disk too full'}. Free space there (or lower "
+            f"checkpoint.keep_last, or point out_dir elsewhere) and run again: the {kept}",
+            together=True,
+        )
+
+
+def _failed(ckpt_dir: Path, tag: str, expected_bytes: int, error: Exception) -> None:
+    rank = torch.distributed.get_rank()
+    if rank == 0:  # the tag never completes: it goes, and the space with it
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    why = space_problem(ckpt_dir, expected_bytes) or f"{type(error).__name__}: {error}"
+    latest = read_pointer(ckpt_dir, LATEST)
+    kept = f"checkpoint {latest} is intact" if latest else "run has no checkpoint yet"
+    raise SaveError(
+        f"rank {rank} could not write checkpoint {tag} in {ckpt_dir} ({why}); the tag is "
+        f"incomplete and will be skipped. Free space there and run again: the {kept}",
+        together=False,
+    ) from error
 
 
 def _test_pause(step: int) -> None:
@@ -245,6 +319,13 @@ def complete(ckpt_dir: Path, tag: str, meta: CheckpointMeta, keep_last: int) -> 
     _write_atomic(ckpt_dir / LATEST, tag)
     _update_best(ckpt_dir, tag, meta)
     rotate(ckpt_dir, keep_last)
+    problem = space_problem(ckpt_dir, meta.bytes)
+    if problem:  # said now, while there is time to free space: the next save will be refused
+        print(
+            f"warning: the next checkpoint will not fit in {ckpt_dir}: {problem}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _update_best(ckpt_dir: Path, tag: str, meta: CheckpointMeta) -> None:

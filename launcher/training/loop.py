@@ -139,9 +139,18 @@ def _stopper(plan: RunPlan, device: torch.device, started_at: float) -> Stopper:
     return Stopper(
         device,
         deadline,
-        checkpoint_bytes=int(plan.memory.params + plan.memory.optimizer + plan.memory.cpu),
+        checkpoint_bytes=checkpoint_bytes(plan),
         stop_file=os.environ.get("ZEROLAUNCH_STOP_FILE") if main else None,
     )
+
+
+def checkpoint_bytes(plan: RunPlan) -> int:
+    """About what a checkpoint of this run takes on disk, before one has been saved: the
+    parameters (written once, or a shard per rank at ZeRO-3) and every rank's optimizer
+    partition (offloaded states included)."""
+    est, world = plan.memory, plan.env.world_size
+    params = est.params * (world if plan.engine.zero_stage >= 3 else 1)
+    return int(params + (est.optimizer + est.cpu) * world)
 
 
 def _batches(plan: RunPlan, device: torch.device) -> tuple[Batches, Batches | None]:
@@ -228,7 +237,8 @@ def _save(s: Session, state: TrainState) -> None:
         val_step=losses.get("val_step"),
         monitor=s.reporter.detector.state(),
     )
-    store.save(s.engine, plan.spec.run_dir, meta, plan.spec.checkpoint.keep_last)
+    expected = store.last_checkpoint_bytes(plan.spec.run_dir) or checkpoint_bytes(plan)
+    store.save(s.engine, plan.spec.run_dir, meta, plan.spec.checkpoint.keep_last, expected)
     state.saved_step = state.step
     s.stopper.saved(time.perf_counter() - started)
 
