@@ -164,6 +164,7 @@ def test_ctrl_c_asks_for_a_save_and_twice_stops_at_once(monkeypatch) -> None:
         stopping.install_signal_handlers()
         stopper = stopping.Stopper(torch.device("cpu"), stopping.Deadline(None), 0)
         signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)  # deepspeed's launch.py passes the Ctrl-C on as TERM
         assert stopper.poll() is None and stopper.poll() == "received SIGINT"
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)

@@ -31,7 +31,10 @@ import torch.distributed as dist
 from launcher.errors import launcher_rank
 from launcher.runtime import slurm
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""The signals that ask for a save-and-stop, the least telling first: a Ctrl-C reaches the
+deepspeed launcher too, which passes it on to the ranks as SIGTERM, and Slurm's USR1 warning
+comes before its TERM; the reason a run gives is the most telling one any rank received."""
 LAUNCHER_CHECK_S = 1.0
 """How often a rank checks that the launcher that started it is still there."""
 SLURM_RECHECK_S = 300.0
@@ -102,8 +105,9 @@ def launcher_gone(chain: list[tuple[int, float]]) -> int | None:
 
 
 def received_signal() -> int:
-    """The last stop signal this process received (0 if none)."""
-    return _received[-1] if _received else 0
+    """The most telling stop signal this process received, as its place in STOP_SIGNALS
+    counted from 1 (0 if none): every rank's maximum is the reason the run stops."""
+    return max((STOP_SIGNALS.index(s) + 1 for s in _received), default=0)
 
 
 class Deadline:
@@ -207,9 +211,9 @@ class Stopper:
         self.slowest_step = max(self.slowest_step, now - self.last_boundary)
         self.last_boundary = now
         local = [received_signal(), self._deadline_near(now), self._file(), self._orphaned(now)]
-        signum, deadline, requested, lost = (int(v) for v in self.flags([float(v) for v in local]))
-        if signum:
-            return f"received {signal.Signals(signum).name}"
+        place, deadline, requested, lost = (int(v) for v in self.flags([float(v) for v in local]))
+        if place:
+            return f"received {STOP_SIGNALS[place - 1].name}"
         if lost:
             return f"the launcher that started the ranks (pid {lost}) is gone"
         if deadline:
