@@ -67,11 +67,9 @@ def open_source(prefix: str | Path, weight: float = 1.0) -> Source:
             f"no prepared dataset at {prefix} ({meta_file} is missing). Prepare it first, e.g. "
             + PREPARE_HINT.format(prefix=prefix)
         )
+    meta = _read_meta(meta_file, prefix)
     try:
-        meta = json.loads(meta_file.read_text())
         dataset = IndexedDataset(prefix)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{meta_file} is not valid JSON ({e}); prepare {prefix} again") from e
     except IndexedDatasetError as e:
         raise DataError(f"{e}. Prepare {prefix} again") from e
     if dataset.num_documents != meta.get("documents"):
@@ -80,6 +78,31 @@ def open_source(prefix: str | Path, weight: float = 1.0) -> Source:
             f"{meta.get('documents')}; the files come from different runs. Prepare it again"
         )
     return Source(prefix, weight, dataset, meta)
+
+
+# The fields of PREFIX.json training reads, and what each must be.
+META_FIELDS = {"documents": int, "tokenizer": dict, "vocab_size": int, "eod_id": int}
+
+
+def _read_meta(meta_file: Path, prefix: Path) -> dict:
+    """PREFIX.json, checked: a damaged one names itself and says to prepare again."""
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{meta_file} is not valid JSON ({e}); prepare {prefix} again") from e
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_file} is not a dataset description; prepare {prefix} again")
+    for field, kind in META_FIELDS.items():
+        value = meta.get(field)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DataError(
+                f"{meta_file}: {field!r} is {value!r}, not the {kind.__name__} `prepare` writes; "
+                f"the file is damaged: prepare {prefix} again"
+            )
+    fraction = meta.get("val_fraction")
+    if fraction is not None and (not isinstance(fraction, (int, float)) or not 0 <= fraction < 1):
+        raise DataError(f"{meta_file}: val_fraction {fraction!r} is not in [0, 1); prepare again")
+    return meta
 
 
 def run_tokenizer(sources: list[Source]) -> Tokenizer:
@@ -92,7 +115,13 @@ def run_tokenizer(sources: list[Source]) -> Tokenizer:
                 f"({other.meta['tokenizer'].get('name', '')}) but {first.prefix} with "
                 f"{first.meta['tokenizer'].get('type')}; blended datasets need one tokenizer"
             )
-    return load_tokenizer(first.meta["tokenizer"], first.prefix.parent)
+    try:
+        return load_tokenizer(first.meta["tokenizer"], first.prefix.parent)
+    except (ValueError, KeyError, TypeError, OSError) as e:  # TokenizerError is a ValueError
+        raise DataError(
+            f"{first.prefix}.json: its tokenizer cannot be loaded ({type(e).__name__}: {e}); "
+            f"prepare {first.prefix} again"
+        ) from e
 
 
 def split_ranges(

@@ -86,7 +86,36 @@ class CheckpointMeta:
                 f"{source} lacks {', '.join(missing)}: it was not written by zerolaunch, or it "
                 "was damaged; resume from another tag (python -m launcher.ckpt list RUN_DIR)"
             )
-        return cls(**{k: v for k, v in data.items() if k in names})
+        meta = cls(**{k: v for k, v in data.items() if k in names})
+        problems = meta._problems()
+        if problems:
+            raise UserError(
+                f"{source} is damaged ({'; '.join(problems)}); resume from another tag "
+                "(python -m launcher.ckpt list RUN_DIR)"
+            )
+        return meta
+
+    def _problems(self) -> list[str]:
+        """Fields whose values a zerolaunch never writes."""
+        problems = [
+            f"{name} is {getattr(self, name)!r}, expected {kind}"
+            for name, kind, ok in (
+                ("step", "an integer >= 0", _int(self.step, 0)),
+                ("consumed_samples", "an integer >= 0", _int(self.consumed_samples, 0)),
+                ("world_size", "an integer >= 1", _int(self.world_size, 1)),
+                ("zero_stage", "0, 1, 2 or 3", self.zero_stage in (0, 1, 2, 3)),
+                ("precision", "fp32, bf16 or fp16", self.precision in ("fp32", "bf16", "fp16")),
+                ("run_id", "text", isinstance(self.run_id, str)),
+                ("model", "an object", isinstance(self.model, dict)),
+                ("monitor", "an object", isinstance(self.monitor, dict)),
+                ("manifest", "file -> size", _manifest(self.manifest)),
+                ("val_step", "an integer or null", self.val_step is None or _int(self.val_step, 0)),
+                ("train_loss", "a number or null", _number_or_none(self.train_loss)),
+                ("val_loss", "a number or null", _number_or_none(self.val_loss)),
+            )
+            if not ok
+        ]
+        return problems
 
 
 def _upgrade(data: dict, source: str) -> dict:
@@ -102,3 +131,17 @@ def _upgrade(data: dict, source: str) -> dict:
         data = dict(data, format_version=1)
         data.setdefault("precision", "bf16" if data.pop("bf16", False) else "fp32")
     return data
+
+
+def _int(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _number_or_none(value: object) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _manifest(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and _int(v, 0) for k, v in value.items()
+    )

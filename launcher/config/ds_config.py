@@ -216,7 +216,10 @@ def _offload_problems(zero: dict, ds_path: str) -> list[str]:
     stage = zero.get("stage", 0)
     if isinstance(stage, bool):  # pydantic would read true as stage 1
         return [f'{ds_path}: "zero_optimization.stage" is {stage!r}; expected 0, 1, 2 or 3']
-    stage = int(stage)  # "3" passes DeepSpeed's schema as 3
+    try:
+        stage = int(stage)  # "3" passes DeepSpeed's schema as 3
+    except (TypeError, ValueError):
+        return []  # DeepSpeed's schema has reported it
     problems = []
     if _device(zero, "offload_param") != "none" and stage != 3:
         problems.append(f'{ds_path}: "offload_param" needs ZeRO stage 3 (this file has {stage!r})')

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -103,6 +104,9 @@ def _build_list(item_type: type, value: Any, path: str, problems: list[str]) -> 
     return built
 
 
+MAX_INT = 2**53
+"""Beyond this an integer setting is a typo (and no longer exact as a float)."""
+
 # Where other tools' names live in this spec (DeepSpeed, Hugging Face, Megatron, nanoGPT).
 ELSEWHERE = {
     "optimizer": "the optimizer's settings are train.lr, train.beta1, train.beta2 and "
@@ -185,7 +189,11 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             kwargs[key] = _build_list(item_type, value, path, problems)
             continue
         ok, coerced = _coerce(value, tp)
-        if ok:
+        if ok and isinstance(coerced, int) and abs(coerced) > MAX_INT:
+            problems.append(f"{path}: {coerced} is larger than any setting can use (2**53)")
+        elif ok and isinstance(coerced, float) and not math.isfinite(coerced):
+            problems.append(f"{path}: got {coerced}, expected a finite number")
+        elif ok:
             kwargs[key] = coerced
         else:
             problems.append(
