@@ -133,8 +133,9 @@ def check_output_dir(out: Path, force: bool) -> None:
     directory that already holds files (unless force: then only our files are replaced)."""
     for d in (out, *out.parents):
         if (d / META_FILE).exists() or (d / "spec.yaml").exists() or (d / store.LATEST).exists():
+            where = "is" if d == out else f"is inside {d},"
             raise UserError(
-                f"--out {out} is inside {d}, a zerolaunch run or checkpoint: exporting there "
+                f"--out {out} {where} a zerolaunch run or checkpoint: exporting there "
                 "could overwrite its files; pick a directory of its own, e.g. exported/NAME"
             )
     if out.exists() and not out.is_dir():
