@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 from launcher.runtime.variables import RANK_VARIABLES
 
 EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+"""Training diverged (a non-finite loss, gradient norm or parameter): nothing more was saved."""
 EXIT_REQUEUE = 75
 """Stopped early on a signal or a time limit, checkpoint saved: run again to continue
 (EX_TEMPFAIL; slurm/train.sbatch requeues the job on it)."""

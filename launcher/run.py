@@ -125,6 +125,10 @@ def _finish(
     from model.gpt import flops_per_token
 
     spec = plan.spec
+    if state.error is not None:  # every rank knows: divergence, or no room for one step
+        if plan.env.is_main:
+            print(f"error: {state.error}", file=sys.stderr, flush=True)
+        return exit_together(state.exit_code)
     if state.stopped is not None:
         return exit_together(EXIT_REQUEUE)
     if plan.env.is_main:

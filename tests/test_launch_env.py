@@ -254,7 +254,9 @@ def free_port() -> int:
 
 
 def stopped_step(output: str, reason: str, out) -> int:
-    found = re.search(rf"stopping at step (\d+) of 100000: {reason}; checkpoint saved", output)
+    found = re.search(
+        rf"stopping at step (\d+) of 100000: {reason}; checkpoint global_step\1 saved", output
+    )
     assert found, output
     step = int(found.group(1))
     assert (out / "checkpoints" / "latest").read_text() == f"global_step{step}"

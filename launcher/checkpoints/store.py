@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -148,10 +149,19 @@ def _newest_complete(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
     warnings = []
     for _, tag in reversed(all_tags(ckpt_dir)):
         problem = verify(ckpt_dir / tag)
+        if problem is None and _diverged_tag(ckpt_dir / tag):
+            problem = "its losses are not finite: it was saved after training diverged"
         if problem is None:
             return ckpt_dir / tag, warnings
         warnings.append(f"skipping checkpoint {ckpt_dir / tag}: {problem}")
     return None, warnings
+
+
+def _diverged_tag(tag_dir: Path) -> bool:
+    try:
+        return diverged(read_meta(tag_dir))
+    except UserError:
+        return False  # a newer format: refused, with what to do, when it is read
 
 
 def check_compatible(tag_dir: Path, model: GPTConfig) -> CheckpointMeta:
@@ -329,16 +339,26 @@ def complete(ckpt_dir: Path, tag: str, meta: CheckpointMeta, keep_last: int) -> 
 
 
 def _update_best(ckpt_dir: Path, tag: str, meta: CheckpointMeta) -> None:
-    """`best` follows the lowest val loss measured at a checkpoint's own step."""
-    if meta.own_val_loss is None:
+    """`best` follows the lowest finite val loss measured at a checkpoint's own step."""
+    if not _finite(meta.own_val_loss):
         return
     best = read_pointer(ckpt_dir, BEST)
     best_val = None
     if best and verify(ckpt_dir / best) is None:
         best_val = read_meta(ckpt_dir / best).own_val_loss
-    if best_val is not None and best_val <= meta.own_val_loss:
+    if _finite(best_val) and best_val <= meta.own_val_loss:
         return
     _write_atomic(ckpt_dir / BEST, tag)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def diverged(meta: CheckpointMeta) -> bool:
+    """A tag whose recorded losses are not finite: saved from a diverged state (zerolaunch no
+    longer writes such tags; older versions did)."""
+    return any(v is not None and not math.isfinite(v) for v in (meta.train_loss, meta.val_loss))
 
 
 def rotate(ckpt_dir: Path, keep_last: int) -> None:
@@ -349,11 +369,20 @@ def rotate(ckpt_dir: Path, keep_last: int) -> None:
         return
     keep = {t for _, t in complete[-keep_last:]} if keep_last > 0 else {t for _, t in complete}
     keep |= {read_pointer(ckpt_dir, BEST), read_pointer(ckpt_dir, LATEST)}
+    keep.add(_newest_finite(complete, ckpt_dir))  # never lose the last good state
     newest = complete[-1][0]
     for step, tag in all_tags(ckpt_dir):
         if tag not in keep and step < newest:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
             shutil.rmtree(ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+
+
+def _newest_finite(complete: list[tuple[int, str]], ckpt_dir: Path) -> str | None:
+    for _, tag in reversed(complete):
+        with contextlib.suppress(UserError):
+            if not diverged(read_meta(ckpt_dir / tag)):
+                return tag
+    return None
 
 
 # ----------------------------------------------------------------------------- loading

@@ -110,6 +110,8 @@ class Reporter:
         self.totals = {"step": 0.0, "forward": 0.0, "backward": 0.0}
         self.losses: dict[str, float] = {}
         """The latest train_loss, val_loss and val_step, for the checkpoint's metadata."""
+        self.last_finite: tuple[int, float] | None = None
+        """(step, train loss) of the last log window whose loss was finite."""
         self.capped = False
 
     def step_started(self) -> None:
@@ -146,6 +148,8 @@ class Reporter:
         rates = self._rates(n, times["step"])
         block = self.throughput.block_size
         self.losses["train_loss"] = window
+        if math.isfinite(window):
+            self.last_finite = (step, window)
         self.window_loss.zero_()
         self.window_steps = 0
         record = {

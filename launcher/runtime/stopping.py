@@ -35,6 +35,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 """The signals that ask for a save-and-stop, the least telling first: a Ctrl-C reaches the
 deepspeed launcher too, which passes it on to the ranks as SIGTERM, and Slurm's USR1 warning
 comes before its TERM; the reason a run gives is the most telling one any rank received."""
+TIME_LIMIT = "the time limit is near"
+"""The reason a run gives when it stops for its time limit."""
 LAUNCHER_CHECK_S = 1.0
 """How often a rank checks that the launcher that started it is still there."""
 SLURM_RECHECK_S = 300.0
@@ -157,15 +159,20 @@ class LaggedMax:
         self.done: list[torch.cuda.Event | None] = [None, None]
         self.calls = 0
 
-    def __call__(self, values: list[float]) -> list[float]:
+    def __call__(self, values: list[float], on_device: torch.Tensor | None = None) -> list[float]:
+        """`values` from the host, then (the last flags) `on_device`, values still on the
+        device: they join the all-reduce without a sync."""
         slot, previous = self.calls % 2, (self.calls + 1) % 2
         result = [0.0] * self.size
         if self.calls > 0:
             if self.done[previous] is not None:
                 self.done[previous].synchronize()  # the previous boundary's work, not this step's
             result = self.recv[previous].tolist()
-        self.send[slot].copy_(torch.tensor(values, dtype=torch.float32))
-        self.reduced[slot].copy_(self.send[slot], non_blocking=True)
+        host = len(values)
+        self.send[slot][:host].copy_(torch.tensor(values, dtype=torch.float32))
+        self.reduced[slot][:host].copy_(self.send[slot][:host], non_blocking=True)
+        if on_device is not None:
+            self.reduced[slot][host:].copy_(on_device.reshape(-1))
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.reduced[slot], op=dist.ReduceOp.MAX)
         self.recv[slot].copy_(self.reduced[slot], non_blocking=True)
@@ -189,7 +196,9 @@ class Stopper:
         """`stop_file` (rank 0's): its appearance asks for a stop; `checkpoint_bytes` guesses
         how long a save takes until one has been timed."""
         self.deadline, self.clock = deadline, deadline.clock
-        self.flags = LaggedMax(4, device)
+        self.flags = LaggedMax(5, device)
+        self.diverged = 0.0
+        """Every rank's maximum of the `diverged` flag (0: no rank saw a non-finite value)."""
         self.launchers = launcher_chain()
         self.launcher_checked, self.launcher_lost = -float("inf"), 0
         self.stop_file = Path(stop_file) if stop_file else None
@@ -204,23 +213,55 @@ class Stopper:
         self.slowest_save = seconds if not self.save_timed else max(self.slowest_save, seconds)
         self.save_timed = True
 
-    def poll(self) -> str | None:
+    def poll(self, diverged: torch.Tensor | None = None) -> str | None:
         """Called by every rank at every step boundary; the reason to stop, or None. The answer
-        is what all ranks knew at the previous boundary (see LaggedMax)."""
+        is what all ranks knew at the previous boundary (see LaggedMax). `diverged`: a flag on
+        the device (DivergenceWatch's); when any rank raised it, its maximum lands in
+        `self.diverged` and the reason is "training diverged"."""
         now = self.clock()
         self.slowest_step = max(self.slowest_step, now - self.last_boundary)
         self.last_boundary = now
         local = [received_signal(), self._deadline_near(now), self._file(), self._orphaned(now)]
-        place, deadline, requested, lost = (int(v) for v in self.flags([float(v) for v in local]))
+        flags = self.flags([float(v) for v in local], diverged)
+        place, deadline, requested, lost = (int(v) for v in flags[:4])
+        self.diverged = flags[4]
+        if self.diverged:
+            return "training diverged"
         if place:
             return f"received {STOP_SIGNALS[place - 1].name}"
         if lost:
             return f"the launcher that started the ranks (pid {lost}) is gone"
         if deadline:
-            return "the time limit is near"
+            return TIME_LIMIT
         if requested:
             return f"stop requested ({self.stop_note or 'ZEROLAUNCH_STOP_FILE exists'})"
         return None
+
+    def room_to_start(self) -> bool:
+        """Before the first step (every rank, one synchronous all-reduce): whether one step and
+        a save still fit before the deadline. The lagged check would only see it a step late."""
+        now = self.clock()
+        near = torch.tensor([float(self._deadline_near(now))], device=self.flags.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(near, op=dist.ReduceOp.MAX)
+        return not near.item()
+
+    def too_short(self, started_at: float) -> str:
+        """Why the time limit left no room for one step and a save: said (exit 2) instead of
+        a stop with exit 75, which a requeue would repeat forever. `started_at`: the process
+        start on time.perf_counter's clock."""
+        now = self.clock()
+        deadline = self.deadline.at(now) or now
+        which = "train.time_limit" if deadline == self.deadline.own else "the Slurm job's end"
+        startup = time.perf_counter() - started_at
+        need, left = 1.5 * (2 * self.slowest_step + self.slowest_save), deadline - now
+        return (
+            f"{which} leaves no room to train: start-up took {startup:.0f} s, after which "
+            f"{f'{left:.0f} s were left' if left > 0 else 'the limit had passed'}: less than one "
+            f"step and a save need with margin ({need:.0f} s). Allow "
+            f"at least {startup + need:.0f} s plus the training you want (train.time_limit, or the "
+            "job's --time); no step was trained and nothing was saved"
+        )
 
     def _deadline_near(self, now: float) -> bool:
         deadline = self.deadline.at(now)

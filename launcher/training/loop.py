@@ -4,6 +4,7 @@ evaluating, logging, checkpointing, and stopping cleanly on a signal or a time l
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -15,14 +16,15 @@ import torch.distributed as dist
 from launcher.checkpoints import store
 from launcher.checkpoints.contract import CheckpointMeta
 from launcher.config.load import spec_to_dict
-from launcher.errors import EXIT_REQUEUE
+from launcher.errors import EXIT_DIVERGED, EXIT_REQUEUE, EXIT_USER_ERROR
 from launcher.evaluation.val_loss import evaluate
 from launcher.monitoring import mfu
 from launcher.monitoring.metrics import Reporter, Throughput, data_metrics
 from launcher.monitoring.overfit import OverfitDetector
 from launcher.monitoring.sinks import MetricsLog, Sinks, WandbSink
 from launcher.monitoring.timing import StepTimer
-from launcher.runtime.stopping import Deadline, Stopper
+from launcher.runtime.stopping import TIME_LIMIT, Deadline, Stopper
+from launcher.training.divergence import Diverged, DivergenceWatch, advice, decode
 from launcher.training.engine import build_engine, set_lr
 from launcher.training.memory import engine_state_bytes
 from launcher.training.plan import RunPlan
@@ -41,8 +43,14 @@ class TrainState:
     """Global training samples read so far: the data position."""
     saved_step: int = 0
     """Step of the newest checkpoint (the resumed one at first)."""
+    start_step: int = 0
+    """The step this launch started from."""
     stopped: str | None = None
     """Why the run stopped before max_steps on a signal or time limit (None: it did not)."""
+    error: str | None = None
+    """Why the run failed (divergence, a time limit too short to make progress), if it did."""
+    exit_code: int = 0
+    """What the process exits with: 0, EXIT_REQUEUE, EXIT_DIVERGED or EXIT_USER_ERROR."""
 
 
 @dataclass
@@ -56,6 +64,7 @@ class Session:
     val_batches: Batches | None
     reporter: Reporter
     stopper: Stopper
+    watch: DivergenceWatch
 
 
 def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, TrainState]:
@@ -68,11 +77,15 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
     state = _resume(plan, engine)
     batches, val_batches = _batches(plan, device)
     reporter = _reporter(plan, device, started_at, state.step)
-    session = Session(
-        plan, device, engine, batches, val_batches, reporter, _stopper(plan, device, started_at)
-    )
+    watch = DivergenceWatch(device, watch_grad_norm=plan.engine.precision != "fp16")
+    stopper = _stopper(plan, device, started_at)
+    session = Session(plan, device, engine, batches, val_batches, reporter, stopper, watch)
     try:
         _loop(session, state)
+    except Diverged as e:
+        latest = store.read_pointer(store.checkpoint_dir(spec.run_dir), store.LATEST)
+        state.error = advice(e, reporter.last_finite, latest, spec.train.grad_clip)
+        state.exit_code = EXIT_DIVERGED
     finally:
         reporter.finish()
     write_memory_report(engine, plan)
@@ -84,7 +97,8 @@ def _resume(plan: RunPlan, engine: Any) -> TrainState:
     if resume is None:
         return TrainState()
     store.load(engine, resume.tag_dir, resume.universal)
-    state = TrainState(resume.meta.step, resume.meta.consumed_samples, resume.meta.step)
+    step = resume.meta.step
+    state = TrainState(step, resume.meta.consumed_samples, saved_step=step, start_step=step)
     if resume.universal:  # no per-rank RNG to restore at a new world size
         torch.manual_seed(t.seed + 1000 * plan.env.rank + state.step)
     if plan.env.is_main:
@@ -168,8 +182,14 @@ def _batches(plan: RunPlan, device: torch.device) -> tuple[Batches, Batches | No
 
 def _loop(s: Session, state: TrainState) -> None:
     spec, t = s.plan.spec, s.plan.spec.train
+    if state.step < t.max_steps and not s.stopper.room_to_start():
+        _stop(s, state, TIME_LIMIT)
+        return
     while state.step < t.max_steps:
-        reason = s.stopper.poll()  # every rank, every step boundary: the same answer everywhere
+        # Every rank, every step boundary: the same answer everywhere.
+        reason = s.stopper.poll(s.watch.encoded)
+        if s.stopper.diverged:
+            raise Diverged(decode(s.stopper.diverged), "the loss or gradient norm is not finite")
         if reason is not None:
             _stop(s, state, reason)
             return
@@ -178,9 +198,13 @@ def _loop(s: Session, state: TrainState) -> None:
         loss = train_step(s.engine, s.batches, state.step, t.grad_accum_steps, s.reporter.timer)
         s.reporter.step_done(loss)
         state.step += 1
+        s.watch.observe(state.step, loss.mean, s.engine.get_global_grad_norm())
         state.consumed_samples += s.plan.engine.train_batch_size
         last = state.step == t.max_steps
-        s.reporter.write(state.step, _record(s, state, last))
+        record = _record(s, state, last)
+        s.reporter.write(state.step, record)
+        if not math.isfinite(record.get("Loss/val", 0.0)):  # the same value on every rank
+            raise Diverged(state.step, f"the val loss is {record['Loss/val']}")
         stop = spec.eval.early_stop and s.reporter.detector.fired_at == state.step
         interval = spec.checkpoint.interval
         if (interval and state.step % interval == 0) or last or stop:
@@ -208,19 +232,34 @@ def _record(s: Session, state: TrainState, last: bool) -> dict:
 
 
 def _stop(s: Session, state: TrainState, reason: str) -> None:
-    """A signal or the time limit: save (unless this step is saved) and say how to go on."""
-    if state.step > state.saved_step:
+    """A signal or the time limit: save (unless this step is saved) and say how to go on. A
+    time limit that left no room for a single step is an error: a requeue would loop."""
+    plan, progress = s.plan, state.step > state.start_step
+    if reason == TIME_LIMIT and not progress:
+        state.error, state.exit_code = s.stopper.too_short(s.reporter.started_at), EXIT_USER_ERROR
+        return
+    saved_now = state.step > state.saved_step
+    if saved_now:
         _save(s, state)
-    state.stopped = reason
-    if s.plan.env.is_main:
-        print(
-            f"stopping at step {state.step} of {s.plan.spec.train.max_steps}: {reason}; "
-            f"checkpoint saved; the same command resumes from it (exit code {EXIT_REQUEUE})",
-            flush=True,
-        )
+    state.stopped, state.exit_code = reason, EXIT_REQUEUE
+    if not plan.env.is_main:
+        return
+    tag = store.checkpoint_dir(plan.spec.run_dir) / store.tag_for(state.step)
+    if state.step == 0 or store.verify(tag) is not None:
+        kept = "no step was trained, so there is no checkpoint; the same command starts again"
+    else:
+        kept = f"checkpoint {tag.name} {'saved' if saved_now else 'kept'}; the same command "
+        kept += "resumes from it"
+    print(
+        f"stopping at step {state.step} of {plan.spec.train.max_steps}: {reason}; {kept} "
+        f"(exit code {EXIT_REQUEUE})",
+        flush=True,
+    )
 
 
 def _save(s: Session, state: TrainState) -> None:
+    """Every rank: refuse a non-finite state (Diverged), then write the tag."""
+    s.watch.check_now(s.engine.module, state.step)
     started = time.perf_counter()
     plan = s.plan
     losses = s.reporter.losses

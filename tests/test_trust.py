@@ -1,0 +1,107 @@
+"""Training state you can trust: divergence never saved, `best` never a NaN, honest stops."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEEPSPEED, PYTHON, TINY, overrides, run
+
+from launcher.checkpoints import store
+from launcher.checkpoints.contract import CheckpointMeta
+from launcher.errors import EXIT_DIVERGED, EXIT_USER_ERROR
+from launcher.training.divergence import Diverged, DivergenceWatch, decode
+
+
+def fake_tag(ckpt_dir: Path, step: int, val: float, train: float = 1.0, keep: int = 1) -> None:
+    tag = store.tag_for(step)
+    (ckpt_dir / tag).mkdir(parents=True)
+    (ckpt_dir / tag / "shard.pt").write_bytes(b"x" * step)
+    meta = CheckpointMeta(
+        step, 8 * step, "run", {}, 2, 2, "fp32", train_loss=train, val_loss=val, val_step=step
+    )
+    store.complete(ckpt_dir, tag, meta, keep_last=keep)
+
+
+def test_best_is_never_a_nan_and_the_last_good_tag_survives_rotation(tmp_path: Path) -> None:
+    ckpt_dir = tmp_path / "checkpoints"
+    fake_tag(ckpt_dir, 4, 4.645)
+    fake_tag(ckpt_dir, 10, math.nan, train=math.nan)  # what an older zerolaunch saved
+    fake_tag(ckpt_dir, 12, math.inf, train=math.inf)
+    assert store.read_pointer(ckpt_dir, store.BEST) == "global_step4"
+    # keep_last=1: the newest tag stays, and so does the last good one (also `best` here).
+    assert [t for _, t in store.all_tags(ckpt_dir)] == ["global_step4", "global_step12"]
+    # resume: auto passes over a diverged tag, with a warning that says why.
+    tag_dir, warnings = store.resolve_resume("auto", tmp_path)
+    assert tag_dir == ckpt_dir / "global_step4"
+    assert len(warnings) == 1 and "global_step12: its losses are not finite" in warnings[0]
+
+
+def test_the_watch_names_the_first_bad_step_without_waiting() -> None:
+    watch = DivergenceWatch(torch.device("cpu"), watch_grad_norm=True)
+    watch.observe(1, torch.tensor(4.0), 1.5)
+    assert decode(watch.encoded.item()) == 0
+    watch.observe(2, torch.tensor(3.0), math.inf)  # the gradient norm blew up first
+    watch.observe(3, torch.tensor(math.nan), torch.tensor(math.nan))
+    assert decode(watch.encoded.item()) == 2
+    fp16 = DivergenceWatch(torch.device("cpu"), watch_grad_norm=False)
+    fp16.observe(1, torch.tensor(4.0), math.inf)  # loss scaling: an overflow step is skipped
+    assert decode(fp16.encoded.item()) == 0
+
+
+def test_a_save_refuses_a_non_finite_parameter() -> None:
+    watch = DivergenceWatch(torch.device("cpu"), watch_grad_norm=True)
+    model = torch.nn.Linear(3, 3)
+    watch.check_now(model, 5)  # finite: nothing to say
+    with torch.no_grad():
+        model.weight[1, 2] = math.inf
+    with pytest.raises(Diverged, match="a parameter is not finite at step 5"):
+        watch.check_now(model, 5)
+
+
+STABLE = [*TINY, "train.log_interval=1", "eval.interval=2", "checkpoint.interval=2",
+          "checkpoint.keep_last=1", "sample.max_new_tokens=0"]  # fmt: skip
+
+
+@pytest.mark.integration
+def test_divergence_stops_two_ranks_before_saving_and_keeps_best(tiny_data, tmp_path) -> None:
+    """The issue's reproduction: a good run (best at step 4), resumed into one that diverges
+    (lr 1e3, no clipping). Before: NaN tags saved, `best` moved to a NaN tag, the real best
+    rotated away, exit 0."""
+    out = tmp_path / "run"
+    base = [*STABLE, f"data.train={tiny_data}", f"out_dir={out}"]
+    cmd = [DEEPSPEED, "--num_gpus", "2", "launcher/run.py", "--ds_config", "ds_configs/zero2.json"]
+    run([*cmd, *overrides(*base, "train.max_steps=4")])
+    ckpt_dir = store.checkpoint_dir(out)
+    assert store.read_pointer(ckpt_dir, store.BEST) == "global_step4"
+    wild = ["train.lr=1e3", "train.grad_clip=0", "train.warmup_steps=0", "train.max_steps=40"]
+    result = run([*cmd, *overrides(*base, *wild)], check=False)
+    assert result.returncode == EXIT_DIVERGED, result.stdout + result.stderr
+    assert "error: training diverged:" in result.stderr
+    assert "No checkpoint of this state was saved" in result.stderr
+    assert "resume from global_step" in result.stderr
+    for _, tag in store.list_tags(ckpt_dir):  # every tag on disk is finite
+        assert not store.diverged(store.read_meta(ckpt_dir / tag)), tag
+    best = store.read_pointer(ckpt_dir, store.BEST)
+    assert store.verify(ckpt_dir / best) is None
+    assert math.isfinite(store.read_meta(ckpt_dir / best).own_val_loss)
+    assert (ckpt_dir / "global_step4").is_dir()
+
+
+@pytest.mark.integration
+def test_a_time_limit_too_short_for_one_step_is_an_error_not_a_requeue(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    items = [*STABLE, f"data.train={tiny_data}", f"out_dir={out}", "train.max_steps=50"]
+    cmd = [PYTHON, "launcher/run.py", "--ds_config", "ds_configs/zero1.json"]
+    result = run([*cmd, *overrides(*items, "train.time_limit=1")], check=False)
+    assert result.returncode == EXIT_USER_ERROR, result.stdout + result.stderr
+    assert "error: train.time_limit leaves no room to train" in result.stderr
+    assert "no step was trained and nothing was saved" in result.stderr
+    assert "checkpoint" not in result.stdout.split("resume:")[-1].replace("checkpoints in", "")
+    assert not store.list_tags(store.checkpoint_dir(out))
+    metrics = out / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()
+    json.loads((out / "ranks.json").read_text())  # the run did start: the error is not pre-flight
