@@ -28,6 +28,7 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from launcher.config.arguments import add_spec_arguments, config_paths
@@ -65,17 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     plan = prepare_run(*config_paths(args), args.overrides)
     # --- nothing above touched a process group or wrote a file ---
     from launcher.checkpoints.store import SaveError
+    from launcher.runtime.distributed import exit_together
     from launcher.training.loop import train
 
-    device = _start(plan)
+    device, release = _start(plan)
     try:
         engine, state = train(plan, device, started)
+        code = _finish(plan, engine, state, device, started)
     except SaveError as e:  # no checkpoint could be written: every rank stops now, exit 2
-        return _stop_on(e, plan.env.is_main)
-    return _finish(plan, engine, state, device, started)
+        return _stop_on(e, plan.env.is_main, release)
+    return exit_together(code, before_exit=release)
 
 
-def _stop_on(error: SaveError, is_main: bool) -> int:
+def _stop_on(error: SaveError, is_main: bool, release: Callable[[], None]) -> int:
     """All ranks found it before writing: they leave together. One rank failed mid-save: the
     others are in a collective it will never join, so it leaves alone (the launcher ends them)."""
     from launcher.runtime.distributed import exit_together
@@ -83,14 +86,16 @@ def _stop_on(error: SaveError, is_main: bool) -> int:
     if is_main or not error.together:
         print(f"error: {error}", file=sys.stderr, flush=True)
     if error.together:
-        return exit_together(EXIT_USER_ERROR)
+        return exit_together(EXIT_USER_ERROR, before_exit=release)
+    release()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_USER_ERROR)
 
 
-def _start(plan: RunPlan) -> torch.device:
-    """Process group, device, run files, universal conversion: everything before training."""
+def _start(plan: RunPlan) -> tuple[torch.device, Callable[[], None]]:
+    """Process group, the run directory's lock, device, run files, universal conversion:
+    everything before training. Returns the device and what gives the lock back."""
     import torch
 
     from launcher.checkpoints.universal import convert_to_universal
@@ -100,6 +105,7 @@ def _start(plan: RunPlan) -> torch.device:
     env = plan.env
     device = select_device(env)
     init_process_group()  # before any file: a taken port leaves the run directory untouched
+    release = _lock(plan)  # before any file: another live run's directory stays untouched
     if env.is_main:
         for warning in plan.warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
@@ -113,24 +119,44 @@ def _start(plan: RunPlan) -> torch.device:
         torch.distributed.barrier()
     if env.is_main:
         print(plan.summary(), flush=True)
-    return device
+    return device, release
+
+
+def _lock(plan: RunPlan) -> Callable[[], None]:
+    """Rank 0 takes out_dir's lock; every rank learns whether it could (RunLockError on all)."""
+    import torch
+
+    from launcher.runtime.run_lock import RunLock, RunLockError
+
+    outcome: list[str | None] = [None, None]  # [refusal, warning]
+    lock = RunLock(plan.spec.run_dir) if plan.env.is_main else None
+    if lock is not None:
+        try:
+            outcome[1] = lock.acquire()
+        except RunLockError as e:
+            outcome[0] = str(e)
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise RunLockError(outcome[0])
+    if outcome[1] is not None and lock is not None:
+        print(f"warning: {outcome[1]}", file=sys.stderr, flush=True)
+    return lock.release if lock is not None else lambda: None
 
 
 def _finish(
     plan: RunPlan, engine: Any, state: TrainState, device: torch.device, started: float
 ) -> int:
-    """The closing line and the sample; every rank leaves together."""
+    """The closing line and the sample; the exit code every rank leaves with."""
     from launcher.evaluation.sampling import generate_text
-    from launcher.runtime.distributed import exit_together
     from model.gpt import flops_per_token
 
     spec = plan.spec
     if state.error is not None:  # every rank knows: divergence, or no room for one step
         if plan.env.is_main:
             print(f"error: {state.error}", file=sys.stderr, flush=True)
-        return exit_together(state.exit_code)
+        return state.exit_code
     if state.stopped is not None:
-        return exit_together(EXIT_REQUEUE)
+        return EXIT_REQUEUE
     if plan.env.is_main:
         print(
             f"finished at step {state.step} in {time.perf_counter() - started:.1f}s "
@@ -145,7 +171,7 @@ def _finish(
         )
         if plan.env.is_main:
             print(f"\n--- sample ---\n{text}\n--------------", flush=True)
-    return exit_together(0)
+    return 0
 
 
 def _process_start() -> float:

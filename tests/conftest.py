@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,30 @@ def overrides(*items: str) -> list[str]:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def start_deepspeed_run(tiny_data: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """2 ranks under the deepspeed runner in a session of their own, training until stopped
+    (`extra` spec items win), returned once 3 metrics records are written."""
+    items = [*TINY, f"data.train={tiny_data}", f"out_dir={out}", "train.log_interval=1"]
+    items += ["train.max_steps=100000", "checkpoint.interval=0", "sample.max_new_tokens=0", *extra]
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launcher/run.py",
+           "--ds_config", "ds_configs/zero2.json", *overrides(*items)]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    pipe, merged = subprocess.PIPE, subprocess.STDOUT
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=pipe, stderr=merged, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 180
+    while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.5)
+    return proc
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,11 +6,10 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
-from conftest import DEEPSPEED, PYTHON, REPO, TINY, overrides, read_metrics, run
+from conftest import PYTHON, TINY, overrides, read_metrics, run, start_deepspeed_run
 
 from launcher.config.spec import parse_duration
 from launcher.errors import EXIT_REQUEUE
@@ -186,7 +185,6 @@ print(seen)
 
 def test_every_rank_sees_every_flag_one_boundary_later(tmp_path) -> None:
     import socket
-    import subprocess
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -225,32 +223,6 @@ def test_time_limit_saves_exits_75_and_the_same_command_finishes(tiny_data, tmp_
     assert f"resumed from {out / 'checkpoints' / f'global_step{step}'}" in second.stdout
     steps = [m["step"] for m in read_metrics(out) if "Loss/train" in m]
     assert steps == list(range(1, step + 6))
-
-
-def start_deepspeed_run(tiny_data, out):
-    """2 ranks under the deepspeed runner in a session of their own, training until stopped."""
-    items = [*TINY, f"data.train={tiny_data}", f"out_dir={out}", "train.log_interval=1"]
-    items += ["train.max_steps=100000", "checkpoint.interval=0", "sample.max_new_tokens=0"]
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launcher/run.py",
-           "--ds_config", "ds_configs/zero2.json", *overrides(*items)]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
-    pipe, merged = subprocess.PIPE, subprocess.STDOUT
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=pipe, stderr=merged, text=True, start_new_session=True
-    )
-    deadline = time.monotonic() + 180
-    while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 3:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.5)
-    return proc
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stopped_step(output: str, reason: str, out) -> int:

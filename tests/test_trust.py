@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEEPSPEED, PYTHON, TINY, overrides, run
+from conftest import (
+    DEEPSPEED,
+    PYTHON,
+    TINY,
+    free_port,
+    overrides,
+    read_metrics,
+    run,
+    start_deepspeed_run,
+)
 
 from launcher.checkpoints import store
 from launcher.checkpoints.contract import CheckpointMeta
 from launcher.errors import EXIT_DIVERGED, EXIT_USER_ERROR
+from launcher.runtime.run_lock import LOCK_FILE, Holder, stale_reason
 from launcher.training.divergence import Diverged, DivergenceWatch, decode
 
 
@@ -105,3 +118,56 @@ def test_a_time_limit_too_short_for_one_step_is_an_error_not_a_requeue(tiny_data
     metrics = out / "metrics.jsonl"
     assert not metrics.exists() or not metrics.read_text().strip()
     json.loads((out / "ranks.json").read_text())  # the run did start: the error is not pre-flight
+
+
+def holder(**kw) -> Holder:
+    fields = {"host": "n1", "pid": 4242, "process_start": 1.0, "since": 2.0, "job": None}
+    return Holder(**(fields | kw))
+
+
+def test_a_lock_is_stale_only_when_its_holder_is_gone() -> None:
+    me = Holder.me()
+    alive_here = holder(host=me.host, pid=me.pid, process_start=me.process_start)
+    assert stale_reason(alive_here, 0.0, replace(me, pid=1)) is None
+    assert "no longer runs" in stale_reason(holder(host=me.host, pid=2**22 + 7), 0.0, me)
+    reused = holder(host=me.host, pid=me.pid, process_start=me.process_start - 100)
+    assert "no longer runs" in stale_reason(reused, 0.0, me)  # the pid was reused
+    assert stale_reason(holder(host="elsewhere"), 60.0, me) is None  # its heartbeat is fresh
+    assert "heartbeat stopped" in stale_reason(holder(host="elsewhere"), 1000.0, me)
+    requeued = replace(me, job="77")
+    assert "before its requeue" in stale_reason(holder(host="elsewhere", job="77"), 1.0, requeued)
+    assert stale_reason(None, 1.0, me) is None  # being written right now
+    assert stale_reason(None, 1000.0, me) is not None
+
+
+def two_ranks(*items: str) -> list[str]:
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launcher/run.py"]
+    return [*cmd, "--ds_config", "ds_configs/zero2.json", *overrides(*items)]
+
+
+@pytest.mark.integration
+def test_one_run_per_directory_and_a_killed_runs_lock_is_taken_over(tiny_data, tmp_path):
+    """The issue's reproduction: the same command started twice. Before: both trained, the
+    metrics interleaved, spec.yaml/ds_config.json/ranks.json overwritten."""
+    out = tmp_path / "run"
+    first = start_deepspeed_run(tiny_data, out, "checkpoint.interval=2")
+    run_files = {p: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".jsonl"}
+    records = len(read_metrics(out))
+    items = [*STABLE, f"data.train={tiny_data}", f"out_dir={out}"]
+    second = run(two_ranks(*items, "train.max_steps=100000"), check=False)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"error: {out} is in use by another run (pid " in second.stderr
+    assert "kill -USR1" in second.stderr and "Traceback" not in second.stderr
+    assert {p: p.read_bytes() for p in run_files} == run_files  # nothing of the first touched
+    assert len(read_metrics(out)) >= records  # the first run's metrics were not trimmed
+    listing = run([PYTHON, "-m", "launcher.ckpt", "list", str(out)])  # readers need no lock
+    assert "complete" in listing.stdout
+    os.killpg(first.pid, signal.SIGKILL)  # a crash: the lock stays behind, its holder gone
+    first.communicate(timeout=60)
+    assert (out / LOCK_FILE).exists()
+    latest = store.read_pointer(store.checkpoint_dir(out), store.LATEST)
+    step = int(latest.removeprefix("global_step"))
+    resumed = run(two_ranks(*items, f"train.max_steps={step + 2}"))
+    assert "warning: took over the lock of" in resumed.stderr and "no longer runs" in resumed.stderr
+    assert f"at step {step}" in resumed.stdout
+    assert not (out / LOCK_FILE).exists()  # given back at the end

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -212,7 +212,7 @@ def rank_map(env: DistEnv, device: torch.device) -> list[dict]:
     return everyone
 
 
-def exit_together(code: int) -> int:
+def exit_together(code: int, before_exit: Callable[[], None] | None = None) -> int:
     """All ranks leave together, once everything is saved, flushed and closed.
 
     Skips interpreter teardown: on CPU, C++ helper threads of the communication backends can
@@ -220,6 +220,8 @@ def exit_together(code: int) -> int:
     CI), turning a good run into a failed one.
     """
     torch.distributed.barrier()
+    if before_exit is not None:  # e.g. give the run directory's lock back
+        before_exit()
     torch.distributed.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
