@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -165,6 +166,38 @@ class SentencePieceTokenizer:
     def describe(self) -> dict:
         digest = hashlib.sha256(self.model_file.read_bytes()).hexdigest()
         return {"type": "sentencepiece", "model": self.model_file.name, "sha256": digest}
+
+
+def identity(tokenizer: Tokenizer) -> dict:
+    """What makes two tokenizers the same, as a checkpoint records it: kind, name (encoding or
+    model file), a sha256 of the vocabulary (the model file's for SentencePiece), size, EOD."""
+    described = tokenizer.describe()
+    digest = (
+        described.get("sha256")
+        or hashlib.sha256(
+            json.dumps(described, sort_keys=True, ensure_ascii=False).encode()
+        ).hexdigest()
+    )
+    return {
+        "type": described.get("type"),
+        "name": described.get("name") or described.get("model") or described.get("type"),
+        "sha256": digest,
+        "vocab_size": tokenizer.vocab_size,
+        "eod_id": tokenizer.eod_id,
+    }
+
+
+def same_identity(a: dict, b: dict) -> bool:
+    keys = ("type", "sha256", "vocab_size", "eod_id")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def describe_identity(ident: dict) -> str:
+    """`tiktoken gpt2 (50257 ids, EOD 50256, sha256 1f2e...)`."""
+    return (
+        f"{ident.get('type')} {ident.get('name')} ({ident.get('vocab_size')} ids, "
+        f"EOD {ident.get('eod_id')}, sha256 {str(ident.get('sha256'))[:12]})"
+    )
 
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:

@@ -15,6 +15,7 @@ from conftest import (
     DEEPSPEED,
     PYTHON,
     TINY,
+    corpus_documents,
     free_port,
     overrides,
     read_metrics,
@@ -171,3 +172,41 @@ def test_one_run_per_directory_and_a_killed_runs_lock_is_taken_over(tiny_data, t
     assert "warning: took over the lock of" in resumed.stderr and "no longer runs" in resumed.stderr
     assert f"at step {step}" in resumed.stdout
     assert not (out / LOCK_FILE).exists()  # given back at the end
+
+
+@pytest.mark.integration
+def test_the_tokenizer_is_bound_to_its_checkpoints(tiny_data, tmp_path) -> None:
+    """The issue's reproduction: a run resumed on a dataset of another tokenizer whose padded
+    vocabulary has the same size. Before: it resumed silently and replaced tokenizer.json."""
+    text = tmp_path / "text"
+    text.mkdir()
+    for i, doc in enumerate(corpus_documents()):  # the last four characters gone: ids unchanged
+        (text / f"doc{i}.txt").write_text(doc.translate({ord(c): None for c in "{|}~"}))
+    other = tmp_path / "data" / "other"
+    run([PYTHON, "-m", "data_pipeline.prepare", "--input", str(text), "--tokenizer", "char",
+         "--val-fraction", "0.2", "--out", str(other)])  # fmt: skip
+    out = tmp_path / "run"
+    cmd = [PYTHON, "launcher/run.py", "--ds_config", "ds_configs/zero1.json"]
+    items = [*STABLE, f"out_dir={out}", "eval.interval=0", "checkpoint.interval=0"]
+    run([*cmd, *overrides(*items, f"data.train={tiny_data}", "train.max_steps=30")])
+    tokenizer_json = (out / "tokenizer.json").read_bytes()
+    refused = run([*cmd, *overrides(*items, f"data.train={other}", "train.max_steps=40")],
+                  check=False)  # fmt: skip
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "was trained with the tokenizer char" in refused.stderr
+    assert "checkpoint.init_from=" in refused.stderr
+    assert (out / "tokenizer.json").read_bytes() == tokenizer_json
+    meta = store.read_meta(store.checkpoint_dir(out) / "global_step30")
+    assert meta.tokenizer["type"] == "char" and meta.tokenizer["vocab_size"] == 97
+    # Said explicitly, a new run starts from those weights: its first loss is the trained one.
+    fresh = tmp_path / "fresh"
+    tag = store.checkpoint_dir(out) / "global_step30"
+    items = [*STABLE, f"out_dir={fresh}", f"data.train={other}", "train.max_steps=1"]
+    started = run(
+        [*cmd, *overrides(*items, f"checkpoint.init_from={tag}", "train.lr=1e-9", "train.min_lr=0")]
+    )
+    assert f"fresh start from the weights of {tag}" in started.stdout
+    assert "its embeddings start from rows that meant other tokens" in started.stderr
+    first = [m["Loss/train"] for m in read_metrics(fresh) if "Loss/train" in m][0]
+    trained = [m["Loss/train"] for m in read_metrics(out) if "Loss/train" in m][-1]
+    assert first < trained + 0.3 < 4.0, (first, trained)

@@ -48,6 +48,9 @@ class CheckpointMeta:
     """Step of val_loss; equal to step when val was measured at this checkpoint."""
     monitor: dict[str, Any] = field(default_factory=dict)
     """The overfitting detector's state, so a resumed run does not alert twice."""
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    """The tokenizer's identity (data_pipeline.tokenizers.identity); {} in tags before it was
+    recorded."""
     manifest: dict[str, int] = field(default_factory=dict)
     """Every file of the tag (relative path) and its size in bytes."""
     bytes: int = 0
@@ -108,6 +111,7 @@ class CheckpointMeta:
                 ("run_id", "text", isinstance(self.run_id, str)),
                 ("model", "an object", isinstance(self.model, dict)),
                 ("monitor", "an object", isinstance(self.monitor, dict)),
+                ("tokenizer", "an object", isinstance(self.tokenizer, dict)),
                 ("manifest", "file -> size", _manifest(self.manifest)),
                 ("val_step", "an integer or null", self.val_step is None or _int(self.val_step, 0)),
                 ("train_loss", "a number or null", _number_or_none(self.train_loss)),

@@ -72,7 +72,7 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
     engine and where training ended. `started_at` is the process start on perf_counter's clock."""
     spec, env = plan.spec, plan.env
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
-    engine = build_engine(GPT(spec.model), spec.train, plan.engine)
+    engine = build_engine(_model(plan), spec.train, plan.engine)
     torch.manual_seed(spec.train.seed + 1000 * env.rank)  # distinct dropout masks per rank
     state = _resume(plan, engine)
     batches, val_batches = _batches(plan, device)
@@ -90,6 +90,15 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
         reporter.finish()
     write_memory_report(engine, plan)
     return engine, state
+
+
+def _model(plan: RunPlan) -> GPT:
+    """The GPT, initialised from a tag's weights for checkpoint.init_from (every rank reads
+    them consolidated, from any ZeRO stage; DeepSpeed partitions them as usual)."""
+    model = GPT(plan.spec.model)
+    if plan.init_from is not None and plan.resume is None:
+        model.load_state_dict(store.load_weights(plan.init_from))
+    return model
 
 
 def _resume(plan: RunPlan, engine: Any) -> TrainState:
@@ -275,6 +284,7 @@ def _save(s: Session, state: TrainState) -> None:
         val_loss=losses.get("val_loss"),
         val_step=losses.get("val_step"),
         monitor=s.reporter.detector.state(),
+        tokenizer=plan.data.tokenizer_identity,
     )
     expected = store.last_checkpoint_bytes(plan.spec.run_dir) or checkpoint_bytes(plan)
     store.save(s.engine, plan.spec.run_dir, meta, plan.spec.checkpoint.keep_last, expected)

@@ -7,8 +7,9 @@ writes the run's first files once the plan is known to be good.
 
 from __future__ import annotations
 
+import json
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from data_pipeline.gpt_dataset import BlendedSamples
@@ -20,7 +21,7 @@ from data_pipeline.loader import (
     run_tokenizer,
     split_ranges,
 )
-from data_pipeline.tokenizers import Tokenizer
+from data_pipeline.tokenizers import Tokenizer, describe_identity, identity, same_identity
 from launcher.checkpoints import store
 from launcher.checkpoints.contract import CheckpointMeta
 from launcher.checkpoints.universal import needs_universal
@@ -48,6 +49,8 @@ class DataPlan:
     tokenizer: Tokenizer
     train: BlendedSamples
     val: BlendedSamples | None
+    tokenizer_identity: dict = field(default_factory=dict)
+    """What every checkpoint of the run records of its tokenizer (tokenizers.identity)."""
 
     @property
     def vocab_size(self) -> int:
@@ -84,6 +87,8 @@ class RunPlan:
     """Per-device memory estimate at the configured stage."""
     device: str = "cpu"
     """cuda or cpu: what the run trains on."""
+    init_from: Path | None = None
+    """A tag whose weights a fresh run starts from (checkpoint.init_from)."""
 
     def summary(self) -> str:
         m, e = self.spec.model, self.engine
@@ -118,6 +123,8 @@ class RunPlan:
         )
 
     def _resume_line(self) -> str:
+        if self.resume is None and self.init_from is not None:
+            return f"fresh start from the weights of {self.init_from} (checkpoint.init_from)"
         if self.resume is None:
             return "fresh start"
         if not self.resume.universal:
@@ -169,7 +176,7 @@ def open_data(spec: RunSpec) -> DataPlan:
             val_samples = build_samples(val_ranges, val or train, seq, seed, d.index_cache)
     except DataError as e:
         raise UserError(f"data: {e}") from e
-    return DataPlan(train, tokenizer, train_samples, val_samples)
+    return DataPlan(train, tokenizer, train_samples, val_samples, identity(tokenizer))
 
 
 def _attempt(problems: list[str], check):
@@ -222,19 +229,23 @@ def prepare_run(
     if data is not None:
         spec = _attempt(problems, lambda: _resolve_model(spec, data)) or spec
         _attempt(problems, lambda: _check_prompt(spec, data.tokenizer))
-    resume = None
+    resume, init = None, None
     if engine is not None and spec.model.vocab_size is not None:
         found = _attempt(problems, lambda: _resume(spec, env, engine))
         if found is not None:
             resume, skipped = found
             warnings += skipped
+    if data is not None and not problems:
+        _attempt(problems, lambda: _check_tokenizer(spec, resume, data))
+        if resume is None and spec.checkpoint.init_from:
+            init = _attempt(problems, lambda: _init_from(spec, data, warnings))
     if problems:
         raise combined(problems)
     if resume is not None and resume.universal:
         engine = engine.loading_universal()
     run_id = resume.meta.run_id if resume else secrets.token_hex(6)
     memory = estimate(spec.model, engine)
-    return RunPlan(spec, engine, env, data, resume, warnings, run_id, memory, device)
+    return RunPlan(spec, engine, env, data, resume, warnings, run_id, memory, device, init)
 
 
 def _resume(spec: RunSpec, env: DistEnv, engine: EngineSettings) -> tuple[Resume | None, list[str]]:
@@ -261,11 +272,65 @@ def _resume(spec: RunSpec, env: DistEnv, engine: EngineSettings) -> tuple[Resume
     return Resume(tag_dir, meta, universal), warnings
 
 
+def _check_tokenizer(spec: RunSpec, resume: Resume | None, data: DataPlan) -> None:
+    """A checkpoint continues only with the tokenizer it was trained with: the one its
+    metadata records, or (tags from before it did) its run directory's tokenizer.json. A run
+    directory holding checkpoints never has its tokenizer.json replaced by another."""
+    if resume is not None:
+        _check_resume_tokenizer(resume, data)
+    own = spec.run_dir / "tokenizer.json"
+    holds = own.exists() and store.list_tags(store.checkpoint_dir(spec.run_dir))
+    if holds and json.loads(own.read_text()) != data.tokenizer.describe():
+        raise UserError(
+            f"{spec.run_dir} holds checkpoints of a run tokenized as {own} says, not as "
+            f"{data.sources[0].prefix} is: pick another out_dir (or name) for this data"
+        )
+
+
+def _check_resume_tokenizer(resume: Resume, data: DataPlan) -> None:
+    mine, recorded = data.tokenizer_identity, resume.meta.tokenizer
+    if recorded:
+        same, theirs = same_identity(recorded, mine), describe_identity(recorded)
+    else:
+        file = resume.tag_dir.parent.parent / "tokenizer.json"
+        if not file.exists():
+            return
+        described = json.loads(file.read_text())
+        same = described == data.tokenizer.describe()
+        theirs = f"{described.get('type')} {described.get('name') or described.get('model', '')}"
+    if same:
+        return
+    raise UserError(
+        f"checkpoint {resume.tag_dir} was trained with the tokenizer {theirs}, but "
+        f"{data.sources[0].prefix} is tokenized with {describe_identity(mine)}: resuming would "
+        "read its token ids as other text. Resume with the data it was trained on, or start a "
+        f"new run from its weights: checkpoint.init_from={resume.tag_dir} with another out_dir "
+        "(or name)"
+    )
+
+
+def _init_from(spec: RunSpec, data: DataPlan, warnings: list[str]) -> Path:
+    """The tag a fresh run starts from: complete, of this model's shape (any tokenizer)."""
+    tag = Path(spec.checkpoint.init_from)
+    problem = store.verify(tag) if tag.is_dir() else "no such directory"
+    if problem:
+        raise UserError(
+            f"checkpoint.init_from={spec.checkpoint.init_from}: {problem}. Give a complete tag "
+            "directory, e.g. runs/NAME/checkpoints/global_step1000 (zerolaunch ckpt list RUN)"
+        )
+    meta = store.check_compatible(tag, spec.model)
+    if meta.tokenizer and not same_identity(meta.tokenizer, data.tokenizer_identity):
+        warnings.append(
+            f"checkpoint.init_from: {tag} was trained with {describe_identity(meta.tokenizer)}, "
+            f"this run reads {describe_identity(data.tokenizer_identity)}: its embeddings start "
+            "from rows that meant other tokens"
+        )
+    return tag
+
+
 def write_run_files(plan: RunPlan) -> None:
     """The resolved spec, the final DeepSpeed config and the tokenizer, beside the checkpoints
     (rank 0, once the plan is known to be good: the first files a run writes)."""
-    import json
-
     import yaml
 
     from data_pipeline.tokenizers import copy_tokenizer_files
