@@ -18,7 +18,7 @@ COMMANDS = {
     "prepare": ("data_pipeline.prepare", "tokenize a corpus into an indexed dataset"),
     "sample": ("launcher.sample", "generate text from a run or an exported model"),
     "export": ("launcher.export", "export a checkpoint to the Hugging Face layout"),
-    "ckpt": ("launcher.ckpt", "list a run's checkpoints"),
+    "ckpt": ("launcher.ckpt", "list or verify a run's checkpoints"),
     "report": ("launcher.report", "plot a run's metrics to report.png"),
     "bench": ("launcher.bench", "measure the training step: tokens/s, MFU, memory"),
 }

@@ -1,12 +1,14 @@
 """Inspect a run's checkpoints.
 
-zerolaunch ckpt list runs/NAME [--json]
+zerolaunch ckpt list runs/NAME [--json]        tags, losses, sizes, completeness (sizes only)
+zerolaunch ckpt verify runs/NAME [--tag TAG]   every file against its recorded content hash
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from launcher.checkpoints import store
@@ -72,6 +74,38 @@ def format_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def verify(run_dir: Path, tag: str | None) -> int:
+    """Check tags' files against their recorded sizes and content hashes; exit 2 naming the
+    damaged ones."""
+    ckpt_dir = store.checkpoint_dir(run_dir)
+    tags = [tag] if tag else [t for _, t in store.all_tags(ckpt_dir)]
+    if tag and not (ckpt_dir / tag).is_dir():
+        known = ", ".join(t for _, t in store.all_tags(ckpt_dir)) or "none"
+        raise UserError(f"no tag {tag!r} in {ckpt_dir}; it has: {known}")
+    if not tags:
+        raise UserError(f"{run_dir} has no checkpoints ({ckpt_dir})")
+    damaged = []
+    for name in tags:
+        started = time.perf_counter()
+        problem = store.verify_contents(ckpt_dir / name)
+        if problem is None:
+            meta = store.read_meta(ckpt_dir / name)
+            how = "content hashes" if meta.hashes else "sizes only: saved before hashes were"
+            print(
+                f"{name:<22} ok ({len(meta.manifest)} files, {_size(meta.bytes)}, {how}; "
+                f"{time.perf_counter() - started:.1f} s)"
+            )
+        else:
+            damaged.append(name)
+            print(f"{name:<22} DAMAGED: {problem}")
+    if damaged:
+        raise UserError(
+            f"{len(damaged)} damaged checkpoint(s) in {ckpt_dir}: {', '.join(damaged)}; "
+            "resume: auto skips them (a tag given by path is refused)"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="zerolaunch ckpt",
@@ -82,9 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     listing = sub.add_parser("list", help="tags with step, losses, size, completeness, pointers")
     listing.add_argument("run", type=Path, help="run directory, e.g. runs/NAME")
     listing.add_argument("--json", action="store_true", help="one JSON object per tag")
+    checking = sub.add_parser("verify", help="every file of every tag against its content hash")
+    checking.add_argument("run", type=Path, help="run directory, e.g. runs/NAME")
+    checking.add_argument("--tag", help="only this tag, e.g. global_step1000")
     args = p.parse_args(argv)
     if not (args.run / "spec.yaml").exists() and not store.checkpoint_dir(args.run).is_dir():
         raise UserError(f"{args.run} is not a zerolaunch run directory")
+    if args.command == "verify":
+        return verify(args.run, args.tag)
     table = rows(args.run)
     if not table:
         raise UserError(f"{args.run} has no checkpoints ({store.checkpoint_dir(args.run)})")

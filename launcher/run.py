@@ -63,13 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
     from launcher.training.plan import prepare_run
 
-    plan = prepare_run(*config_paths(args), args.overrides)
+    paths = config_paths(args)
+    plan = prepare_run(*paths, args.overrides)
     # --- nothing above touched a process group or wrote a file ---
     from launcher.checkpoints.store import SaveError
     from launcher.runtime.distributed import exit_together
     from launcher.training.loop import train
 
-    device, release = _start(plan)
+    plan, device, release = _start(
+        plan, lambda damaged: prepare_run(*paths, args.overrides, damaged=damaged)
+    )
     try:
         engine, state = train(plan, device, started)
         code = _finish(plan, engine, state, device, started)
@@ -93,9 +96,12 @@ def _stop_on(error: SaveError, is_main: bool, release: Callable[[], None]) -> in
     os._exit(EXIT_USER_ERROR)
 
 
-def _start(plan: RunPlan) -> tuple[torch.device, Callable[[], None]]:
-    """Process group, the run directory's lock, device, run files, universal conversion:
-    everything before training. Returns the device and what gives the lock back."""
+def _start(
+    plan: RunPlan, replan: Callable[[dict[Path, str]], RunPlan]
+) -> tuple[RunPlan, torch.device, Callable[[], None]]:
+    """Process group, the run directory's lock, the resumed tag's contents, device, run files,
+    universal conversion: everything before training. Returns the plan (another tag if the
+    chosen one was damaged), the device and what gives the lock back."""
     import torch
 
     from launcher.checkpoints.universal import convert_to_universal
@@ -106,6 +112,7 @@ def _start(plan: RunPlan) -> tuple[torch.device, Callable[[], None]]:
     device = select_device(env)
     init_process_group()  # before any file: a taken port leaves the run directory untouched
     release = _lock(plan)  # before any file: another live run's directory stays untouched
+    plan = _intact(plan, replan)
     if env.is_main:
         for warning in plan.warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
@@ -119,7 +126,23 @@ def _start(plan: RunPlan) -> tuple[torch.device, Callable[[], None]]:
         torch.distributed.barrier()
     if env.is_main:
         print(plan.summary(), flush=True)
-    return device, release
+    return plan, device, release
+
+
+def _intact(plan: RunPlan, replan: Callable[[dict[Path, str]], RunPlan]) -> RunPlan:
+    """Every rank checks its share of the resumed tag's content hashes. A damaged tag is
+    skipped for the previous one (resume: auto, with a warning) or refused (a tag's path):
+    the same outcome on every rank, since every rank knows every problem."""
+    from launcher.checkpoints.store import verify_contents
+
+    damaged: dict[Path, str] = {}
+    while plan.resume is not None:
+        problem = verify_contents(plan.resume.tag_dir)
+        if problem is None:
+            return plan
+        damaged[plan.resume.tag_dir] = problem
+        plan = replan(damaged)
+    return plan
 
 
 def _lock(plan: RunPlan) -> Callable[[], None]:

@@ -25,6 +25,7 @@ from conftest import (
 
 from launcher.checkpoints import store
 from launcher.checkpoints.contract import CheckpointMeta
+from launcher.checkpoints.integrity import share
 from launcher.errors import EXIT_DIVERGED, EXIT_USER_ERROR
 from launcher.runtime.run_lock import LOCK_FILE, Holder, stale_reason
 from launcher.training.divergence import Diverged, DivergenceWatch, decode
@@ -210,3 +211,36 @@ def test_the_tokenizer_is_bound_to_its_checkpoints(tiny_data, tmp_path) -> None:
     first = [m["Loss/train"] for m in read_metrics(fresh) if "Loss/train" in m][0]
     trained = [m["Loss/train"] for m in read_metrics(out) if "Loss/train" in m][-1]
     assert first < trained + 0.3 < 4.0, (first, trained)
+
+
+def test_files_are_dealt_out_evenly_and_identically_on_every_rank() -> None:
+    files = {"a": 100, "b": 60, "c": 50, "d": 10}
+    deals = [share(files, rank, 2) for rank in range(2)]
+    assert deals == [["a", "d"], ["b", "c"]]  # 110 bytes each
+    assert sorted(deals[0] + deals[1]) == sorted(files)
+    assert share(files, 0, 1) == ["a", "b", "c", "d"]
+
+
+@pytest.mark.integration
+def test_a_flipped_byte_in_a_shard_is_caught_and_the_previous_tag_used(tiny_data, tmp_path):
+    """The issue's reproduction: one byte flipped in the middle of an optimizer shard, same
+    size. Before: listed complete, resumed, NaN two steps later."""
+    out = tmp_path / "run"
+    items = [*STABLE, f"data.train={tiny_data}", f"out_dir={out}", "checkpoint.keep_last=3"]
+    run(two_ranks(*items, "train.max_steps=4"))
+    tag = store.checkpoint_dir(out) / "global_step4"
+    shard = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    shard.write_bytes(raw)
+    assert store.verify(tag) is None  # the sizes alone cannot tell
+    checked = run([PYTHON, "-m", "launcher.ckpt", "verify", str(out)], check=False)
+    assert checked.returncode == 2
+    assert "global_step2           ok" in checked.stdout
+    assert f"global_step4           DAMAGED: {shard.name} has changed" in checked.stdout
+    explicit = run(two_ranks(*items, f"checkpoint.resume={tag}", "train.max_steps=6"), check=False)
+    assert explicit.returncode == 2 and "the checkpoint is damaged" in explicit.stderr
+    assert "Traceback" not in explicit.stderr
+    resumed = run(two_ranks(*items, "train.max_steps=6"))
+    assert f"skipping checkpoint {tag}: {shard.name} has changed" in resumed.stderr
+    assert "at step 2" in resumed.stdout

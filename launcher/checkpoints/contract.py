@@ -53,6 +53,9 @@ class CheckpointMeta:
     recorded."""
     manifest: dict[str, int] = field(default_factory=dict)
     """Every file of the tag (relative path) and its size in bytes."""
+    hashes: dict[str, str] = field(default_factory=dict)
+    """Every file's content hash (`xxh3_128:<hex>`, checkpoints/integrity.py); {} in tags
+    before they were recorded."""
     bytes: int = 0
     """Sum of the manifest."""
     saved_at: float = 0.0
@@ -113,6 +116,7 @@ class CheckpointMeta:
                 ("monitor", "an object", isinstance(self.monitor, dict)),
                 ("tokenizer", "an object", isinstance(self.tokenizer, dict)),
                 ("manifest", "file -> size", _manifest(self.manifest)),
+                ("hashes", "file -> hash", _hashes(self.hashes)),
                 ("val_step", "an integer or null", self.val_step is None or _int(self.val_step, 0)),
                 ("train_loss", "a number or null", _number_or_none(self.train_loss)),
                 ("val_loss", "a number or null", _number_or_none(self.val_loss)),
@@ -143,6 +147,12 @@ def _int(value: object, minimum: int) -> bool:
 
 def _number_or_none(value: object) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _hashes(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
 
 
 def _manifest(value: object) -> bool:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import yaml
 
+from launcher.checkpoints import integrity
 from launcher.checkpoints.contract import META_FILE, CheckpointMeta
 from launcher.config.load import spec_from_dict
 from launcher.config.spec import RunSpec
@@ -114,20 +115,24 @@ def _write_atomic(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------- choosing
 
 
-def resolve_resume(resume: str, run_dir: Path) -> tuple[Path | None, list[str]]:
+def resolve_resume(
+    resume: str, run_dir: Path, damaged: dict[Path, str] | None = None
+) -> tuple[Path | None, list[str]]:
     """(tag directory to resume from or None, warnings about skipped tags).
 
     'auto': the newest complete tag in run_dir/checkpoints, skipping damaged ones with a
     warning; 'none': start fresh; otherwise a tag directory (which must be complete) or a
-    checkpoints directory (its newest complete tag).
+    checkpoints directory (its newest complete tag). `damaged`: tags found damaged by a content
+    check (tag -> what is wrong), skipped like the others.
     """
+    damaged = damaged or {}
     if resume == "none":
         return None, []
     if resume == "auto":
-        return _newest_complete(checkpoint_dir(run_dir))
+        return _newest_complete(checkpoint_dir(run_dir), damaged)
     path = Path(resume)
     if _TAG_RE.match(path.name) and path.is_dir():
-        problem = verify(path)
+        problem = damaged.get(path) or verify(path)
         if problem:
             raise UserError(
                 f"checkpoint.resume={resume}: the checkpoint is damaged: {problem}. "
@@ -135,7 +140,7 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path | None, list[str]]:
             )
         return path, []
     if all_tags(path):
-        return _newest_complete(path)
+        return _newest_complete(path, damaged)
     if path.is_dir() and all_tags(path.parent):
         tags = ", ".join(t for _, t in all_tags(path.parent))
         raise UserError(f"checkpoint.resume={resume}: no such tag; {path.parent} has: {tags}")
@@ -145,10 +150,10 @@ def resolve_resume(resume: str, run_dir: Path) -> tuple[Path | None, list[str]]:
     )
 
 
-def _newest_complete(ckpt_dir: Path) -> tuple[Path | None, list[str]]:
+def _newest_complete(ckpt_dir: Path, damaged: dict[Path, str]) -> tuple[Path | None, list[str]]:
     warnings = []
     for _, tag in reversed(all_tags(ckpt_dir)):
-        problem = verify(ckpt_dir / tag)
+        problem = damaged.get(ckpt_dir / tag) or verify(ckpt_dir / tag)
         if problem is None and _diverged_tag(ckpt_dir / tag):
             problem = "its losses are not finite: it was saved after training diverged"
         if problem is None:
@@ -272,6 +277,7 @@ def save(
         _failed(ckpt_dir, tag, expected_bytes, e)
     _test_pause(meta.step)
     dist.barrier()  # every rank's files are on disk before the tag can count as complete
+    meta.hashes = integrity.hash_tag(tag_dir, tag_files(tag_dir))  # each rank hashes a share
     if dist.get_rank() == 0:
         complete(ckpt_dir, tag, meta, keep_last)
     dist.barrier()
@@ -309,6 +315,22 @@ def _failed(ckpt_dir: Path, tag: str, expected_bytes: int, error: Exception) -> 
     ) from error
 
 
+def tag_files(tag_dir: Path) -> dict[str, int]:
+    """Every file of a tag (relative path) and its size, the marker excepted."""
+    files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != META_FILE)
+    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in files}
+
+
+def verify_contents(tag_dir: Path) -> str | None:
+    """Every rank: the tag's files against the hashes recorded when it was saved (each rank
+    reads its share); the same answer everywhere. Sizes first (verify), then the bytes."""
+    problem = verify(tag_dir)
+    if problem is None:
+        meta = read_meta(tag_dir)
+        problem = integrity.verify_together(tag_dir, meta.hashes, meta.manifest)
+    return problem
+
+
 def _test_pause(step: int) -> None:
     """Fault injection for the crash-during-save test: ZEROLAUNCH_TEST_SAVE_PAUSE=STEP:SECONDS
     holds the save of that step open after the shards are written, before the tag completes."""
@@ -322,8 +344,7 @@ def complete(ckpt_dir: Path, tag: str, meta: CheckpointMeta, keep_last: int) -> 
     """Rank 0, once every shard is on disk: the marker with its manifest, `latest`, `best`,
     then rotation; each atomic, so a crash anywhere leaves a usable state."""
     tag_dir = ckpt_dir / tag
-    files = sorted(p for p in tag_dir.rglob("*") if p.is_file())
-    meta.manifest = {str(p.relative_to(tag_dir)): p.stat().st_size for p in files}
+    meta.manifest = tag_files(tag_dir)
     meta.bytes, meta.saved_at = sum(meta.manifest.values()), time.time()
     _write_atomic(tag_dir / META_FILE, meta.to_json())
     _write_atomic(ckpt_dir / LATEST, tag)

@@ -215,8 +215,10 @@ def prepare_run(
     overrides: list[str],
     env: DistEnv | None = None,
     device: str | None = None,
+    damaged: dict[Path, str] | None = None,
 ) -> RunPlan:
-    """Load and cross-check every input; raises one UserError listing every problem found."""
+    """Load and cross-check every input; raises one UserError listing every problem found.
+    `damaged`: tags a content check found damaged (skipped by resume: auto)."""
     spec = load_spec(spec_path, overrides)  # everything else reads the spec
     env = env or detect_env()
     device = device or device_type()
@@ -231,7 +233,7 @@ def prepare_run(
         _attempt(problems, lambda: _check_prompt(spec, data.tokenizer))
     resume, init = None, None
     if engine is not None and spec.model.vocab_size is not None:
-        found = _attempt(problems, lambda: _resume(spec, env, engine))
+        found = _attempt(problems, lambda: _resume(spec, env, engine, damaged or {}))
         if found is not None:
             resume, skipped = found
             warnings += skipped
@@ -248,9 +250,16 @@ def prepare_run(
     return RunPlan(spec, engine, env, data, resume, warnings, run_id, memory, device, init)
 
 
-def _resume(spec: RunSpec, env: DistEnv, engine: EngineSettings) -> tuple[Resume | None, list[str]]:
-    tag_dir, warnings = store.resolve_resume(spec.checkpoint.resume, spec.run_dir)
+def _resume(
+    spec: RunSpec, env: DistEnv, engine: EngineSettings, damaged: dict[Path, str]
+) -> tuple[Resume | None, list[str]]:
+    tag_dir, warnings = store.resolve_resume(spec.checkpoint.resume, spec.run_dir, damaged)
     existing = store.list_tags(store.checkpoint_dir(spec.run_dir))
+    if tag_dir is None and damaged:
+        raise UserError(
+            f"no checkpoint of {spec.run_dir} is intact: " + "; ".join(warnings) + ". Restore "
+            "one from a backup, or start a new run in another out_dir (or name)"
+        )
     if tag_dir is None and existing:
         raise UserError(
             f"{spec.run_dir} already holds checkpoints of an earlier run (newest "
