@@ -193,9 +193,11 @@ def same_identity(a: dict, b: dict) -> bool:
 
 
 def describe_identity(ident: dict) -> str:
-    """`tiktoken gpt2 (50257 ids, EOD 50256, sha256 1f2e...)`."""
+    """`tiktoken gpt2 (50257 ids, EOD 50256, sha256 1f2e...)`, `char (97 ids, ...)`."""
+    kind, name = ident.get("type"), ident.get("name")
+    label = kind if name == kind else f"{kind} {name}"
     return (
-        f"{ident.get('type')} {ident.get('name')} ({ident.get('vocab_size')} ids, "
+        f"{label} ({ident.get('vocab_size')} ids, "
         f"EOD {ident.get('eod_id')}, sha256 {str(ident.get('sha256'))[:12]})"
     )
 
