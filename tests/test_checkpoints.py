@@ -61,17 +61,22 @@ def losses(run_dir: Path, key: str = "Loss/train") -> dict[int, float]:
 
 
 @pytest.mark.parametrize(
-    ("stage", "layout"), [(1, "current"), (2, "0.1"), (3, "current")], ids=["1", "2-old", "3"]
+    ("stage", "layout"),
+    [(1, "current"), (2, "0.1"), (2, "async"), (3, "current")],
+    ids=["1", "2-old", "2-async", "3"],
 )
 def test_resume_is_bit_for_bit(tiny_data: Path, tmp_path: Path, stage: int, layout: str) -> None:
+    """With async, the tag at step 4 is written while steps 5-8 train: resuming from it gives
+    the same losses only if the copy was taken at step 4, untouched by the steps after."""
     config = f"ds_configs/zero{stage}.json"
     whole = tmp_path / "whole"
-    deepspeed(2, config, *EXACT, f"data.train={tiny_data}", f"out_dir={whole}", "train.max_steps=8")
+    exact = [*EXACT, "checkpoint.async_save=true"] if layout == "async" else EXACT
+    deepspeed(2, config, *exact, f"data.train={tiny_data}", f"out_dir={whole}", "train.max_steps=8")
     resumed = copy_tag(whole, "global_step4", tmp_path / "resumed")
     if layout == "0.1":  # a checkpoint written before the metadata had a version still resumes
         to_v1_layout(resumed / "checkpoints" / "global_step4")
     result = deepspeed(
-        2, config, *EXACT, f"data.train={tiny_data}", f"out_dir={resumed}", "train.max_steps=8"
+        2, config, *exact, f"data.train={tiny_data}", f"out_dir={resumed}", "train.max_steps=8"
     )
     assert "resumed from" in result.stdout and "at step 4" in result.stdout
     uninterrupted, continued = losses(whole), losses(resumed)

@@ -6,14 +6,18 @@ import json
 import math
 import os
 import signal
+import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import (
     DEEPSPEED,
     PYTHON,
+    REPO,
     TINY,
     corpus_documents,
     free_port,
@@ -244,3 +248,36 @@ def test_a_flipped_byte_in_a_shard_is_caught_and_the_previous_tag_used(tiny_data
     resumed = run(two_ranks(*items, "train.max_steps=6"))
     assert f"skipping checkpoint {tag}: {shard.name} has changed" in resumed.stderr
     assert "at step 2" in resumed.stdout
+
+
+@pytest.mark.integration
+def test_an_async_save_killed_mid_write_leaves_the_previous_tag(tiny_data, tmp_path) -> None:
+    out = tmp_path / "run"
+    items = [*TINY, f"data.train={tiny_data}", f"out_dir={out}", "train.log_interval=1",
+             "train.max_steps=20", "checkpoint.interval=5", "checkpoint.keep_last=1",
+             "eval.interval=5", "sample.max_new_tokens=0",
+             "checkpoint.async_save=true"]  # fmt: skip
+    env = {
+        **os.environ,
+        "ZEROLAUNCH_TEST_WRITE_PAUSE": "global_step10:120",
+        "WANDB_MODE": "offline",
+    }
+    launcher = subprocess.Popen(two_ranks(*items), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    tag10 = store.checkpoint_dir(out) / "global_step10"
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").exists() or read_metrics(out)[-1]["step"] < 13:
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read()
+        time.sleep(0.2)
+    assert not (tag10 / store.META_FILE).exists()  # training went on while step 10 was written
+    rank1 = next(p for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if "--local_rank=1" in " ".join(p.cmdline()))  # fmt: skip
+    rank1.send_signal(signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    assert not (tag10 / store.META_FILE).exists()
+    assert store.read_pointer(store.checkpoint_dir(out), store.LATEST) == "global_step5"
+    again = run(two_ranks(*items))
+    assert "global_step10: no completion marker" in again.stderr
+    assert "at step 5" in again.stdout
+    assert [t for _, t in store.list_tags(store.checkpoint_dir(out))][-1] == "global_step20"
+    run([PYTHON, "-m", "launcher.ckpt", "verify", str(out)])

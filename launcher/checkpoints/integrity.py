@@ -10,6 +10,7 @@ fraction of what writing the bytes did (figures: docs/benchmarks.md).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch.distributed as dist
@@ -19,10 +20,12 @@ ALGORITHM = "xxh3_128"
 CHUNK = 16 << 20
 
 
-def file_hash(path: Path) -> str:
-    """`xxh3_128:<hex>` of a file's bytes."""
+def file_hash(path: Path, sync: bool = False) -> str:
+    """`xxh3_128:<hex>` of a file's bytes; with `sync`, the file is on disk (fsync) first."""
     digest = xxhash.xxh3_128()
     with open(path, "rb") as f:
+        if sync:
+            os.fsync(f.fileno())
         while chunk := f.read(CHUNK):
             digest.update(chunk)
     return f"{ALGORITHM}:{digest.hexdigest()}"
@@ -47,9 +50,10 @@ def _world() -> tuple[int, int]:
 
 
 def hash_tag(tag_dir: Path, files: dict[str, int]) -> dict[str, str]:
-    """Every rank: hash its share of the tag's files; every rank gets all the hashes."""
+    """Every rank: fsync and hash its share of a just-written tag's files; every rank gets all
+    the hashes."""
     rank, world = _world()
-    mine = {name: file_hash(tag_dir / name) for name in share(files, rank, world)}
+    mine = {name: file_hash(tag_dir / name, sync=True) for name in share(files, rank, world)}
     if world == 1:
         return mine
     gathered: list[dict[str, str] | None] = [None] * world

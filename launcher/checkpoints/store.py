@@ -19,7 +19,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -250,10 +250,32 @@ def last_checkpoint_bytes(run_dir: Path) -> int | None:
         return None
 
 
+@dataclass
+class Pending:
+    """A save whose files are written (or, asynchronously, being written): `finish` it."""
+
+    ckpt_dir: Path
+    meta: CheckpointMeta
+    keep_last: int
+    expected_bytes: int
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def tag(self) -> str:
+        return tag_for(self.meta.step)
+
+
 def save(
-    engine: Any, run_dir: Path, meta: CheckpointMeta, keep_last: int, expected_bytes: int
-) -> Path:
-    """All ranks: write shards and RNG; then rank 0 completes the tag, pointers and rotation.
+    engine: Any,
+    run_dir: Path,
+    meta: CheckpointMeta,
+    keep_last: int,
+    expected_bytes: int,
+    writer: Any = None,
+) -> Pending:
+    """All ranks: write this rank's shards and RNG state (with an AsyncWriter as the engine's
+    checkpoint engine, `writer`: copy them to host memory and queue them). `finish` completes
+    the tag.
 
     Every rank first checks that about `expected_bytes` fit (one all-reduce: all stop together
     before writing anything, exit 2); a write that fails anyway stops its rank (SaveError)."""
@@ -265,6 +287,7 @@ def save(
         shutil.rmtree(tag_dir, ignore_errors=True)
         shutil.rmtree(ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
     dist.barrier()
+    pending = Pending(ckpt_dir, meta, keep_last, expected_bytes)
     try:
         engine.save_checkpoint(
             str(ckpt_dir),
@@ -272,14 +295,33 @@ def save(
             client_state={"universal_checkpoint_info": UNIVERSAL_INFO},
             save_latest=False,
         )
-        torch.save(rng_state(), tag_dir / _rng_file(dist.get_rank()))
+        rng_file = tag_dir / _rng_file(dist.get_rank())
+        if writer is not None:
+            writer.put(rng_state(), rng_file)
+        else:
+            torch.save(rng_state(), rng_file)
     except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError or RuntimeError
         _failed(ckpt_dir, tag, expected_bytes, e)
+    return pending
+
+
+def finish(pending: Pending, writer: Any = None) -> Path:
+    """All ranks, at the same step: wait for this rank's writer (if asynchronous); once every
+    rank's files are on disk, each hashes and fsyncs its share of them, then rank 0 writes the
+    marker, `latest` and `best`, and rotates."""
+    dist = torch.distributed
+    ckpt_dir, tag, meta = pending.ckpt_dir, pending.tag, pending.meta
+    tag_dir = ckpt_dir / tag
+    if writer is not None:
+        try:
+            writer.wait()
+        except Exception as e:  # noqa: BLE001 - as in save
+            _failed(ckpt_dir, tag, pending.expected_bytes, e)
     _test_pause(meta.step)
     dist.barrier()  # every rank's files are on disk before the tag can count as complete
     meta.hashes = integrity.hash_tag(tag_dir, tag_files(tag_dir))  # each rank hashes a share
     if dist.get_rank() == 0:
-        complete(ckpt_dir, tag, meta, keep_last)
+        complete(ckpt_dir, tag, meta, keep_last=pending.keep_last)
     dist.barrier()
     return tag_dir
 

@@ -105,6 +105,9 @@ class CheckpointConfig:
     """Checkpoints kept; older ones are deleted after a newer one is saved; 0 keeps all."""
     resume: str = "auto"
     """'auto' = newest checkpoint in out_dir/checkpoints if any, 'none', or a checkpoint path."""
+    async_save: bool = False
+    """Write checkpoints in a background thread: training waits only for a copy to host memory;
+    the tag completes (marker, `latest`, `best`) once every rank's files are on disk."""
     init_from: str | None = None
     """A new run starting from this tag's weights (step 0, a fresh optimizer, its own run id),
     with any tokenizer; used only while out_dir has no checkpoint of its own."""

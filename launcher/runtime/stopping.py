@@ -196,9 +196,11 @@ class Stopper:
         """`stop_file` (rank 0's): its appearance asks for a stop; `checkpoint_bytes` guesses
         how long a save takes until one has been timed."""
         self.deadline, self.clock = deadline, deadline.clock
-        self.flags = LaggedMax(5, device)
+        self.flags = LaggedMax(6, device)
         self.diverged = 0.0
         """Every rank's maximum of the `diverged` flag (0: no rank saw a non-finite value)."""
+        self.busy = False
+        """Whether any rank was still writing a checkpoint (`busy` of the previous poll)."""
         self.launchers = launcher_chain()
         self.launcher_checked, self.launcher_lost = -float("inf"), 0
         self.stop_file = Path(stop_file) if stop_file else None
@@ -213,18 +215,24 @@ class Stopper:
         self.slowest_save = seconds if not self.save_timed else max(self.slowest_save, seconds)
         self.save_timed = True
 
-    def poll(self, diverged: torch.Tensor | None = None) -> str | None:
+    @property
+    def polls(self) -> int:
+        """Polls so far: a poll's answer reflects what every rank sent at the one before."""
+        return self.flags.calls
+
+    def poll(self, diverged: torch.Tensor | None = None, busy: bool = False) -> str | None:
         """Called by every rank at every step boundary; the reason to stop, or None. The answer
         is what all ranks knew at the previous boundary (see LaggedMax). `diverged`: a flag on
         the device (DivergenceWatch's); when any rank raised it, its maximum lands in
-        `self.diverged` and the reason is "training diverged"."""
+        `self.diverged` and the reason is "training diverged". `busy`: this rank is still
+        writing a checkpoint (every rank's answer lands in `self.busy`)."""
         now = self.clock()
         self.slowest_step = max(self.slowest_step, now - self.last_boundary)
         self.last_boundary = now
         local = [received_signal(), self._deadline_near(now), self._file(), self._orphaned(now)]
-        flags = self.flags([float(v) for v in local], diverged)
+        flags = self.flags([float(v) for v in [*local, busy]], diverged)
         place, deadline, requested, lost = (int(v) for v in flags[:4])
-        self.diverged = flags[4]
+        self.busy, self.diverged = bool(flags[4]), flags[5]
         if self.diverged:
             return "training diverged"
         if place:

@@ -48,8 +48,11 @@ def use_deepspeed_checkpointing(model: GPT, section: ActivationCheckpointing | N
     model.checkpoint_fn = deepspeed.checkpointing.checkpoint
 
 
-def build_engine(model: GPT, train: TrainConfig, settings: EngineSettings) -> Any:
-    """Wrap the model in a DeepSpeed engine with the spec's optimizer."""
+def build_engine(
+    model: GPT, train: TrainConfig, settings: EngineSettings, async_save: bool = False
+) -> Any:
+    """Wrap the model in a DeepSpeed engine with the spec's optimizer (and, for asynchronous
+    saves, checkpoints/async_save.py's writer as its checkpoint engine)."""
     import deepspeed
 
     use_deepspeed_checkpointing(model, settings.activation_checkpointing)
@@ -62,6 +65,10 @@ def build_engine(model: GPT, train: TrainConfig, settings: EngineSettings) -> An
         engine.enable_backward_allreduce = False
     if train.compile:  # in place (nn.Module.compile): parameter names and checkpoints unchanged
         engine.compile()
+    if async_save:
+        from launcher.checkpoints.async_save import AsyncWriter
+
+        engine.checkpoint_engine = AsyncWriter()
     return engine
 
 

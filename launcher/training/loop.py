@@ -65,6 +65,12 @@ class Session:
     reporter: Reporter
     stopper: Stopper
     watch: DivergenceWatch
+    writer: Any = None
+    """The engine's AsyncWriter when checkpoints are written asynchronously."""
+    pending: store.Pending | None = None
+    """A save whose tag is not complete yet (asynchronous: being written)."""
+    pending_since: int = 0
+    """The stopper's poll count when `pending` started."""
 
 
 def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, TrainState]:
@@ -72,7 +78,7 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
     engine and where training ended. `started_at` is the process start on perf_counter's clock."""
     spec, env = plan.spec, plan.env
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
-    engine = build_engine(_model(plan), spec.train, plan.engine)
+    engine = build_engine(_model(plan), spec.train, plan.engine, spec.checkpoint.async_save)
     torch.manual_seed(spec.train.seed + 1000 * env.rank)  # distinct dropout masks per rank
     state = _resume(plan, engine)
     batches, val_batches = _batches(plan, device)
@@ -80,9 +86,13 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
     watch = DivergenceWatch(device, watch_grad_norm=plan.engine.precision != "fp16")
     stopper = _stopper(plan, device, started_at)
     session = Session(plan, device, engine, batches, val_batches, reporter, stopper, watch)
+    if spec.checkpoint.async_save:
+        session.writer = engine.checkpoint_engine
     try:
         _loop(session, state)
+        _drain(session)  # the run ends once its last save is complete
     except Diverged as e:
+        _drain(session)  # a save started before holds a state checked finite: it completes
         latest = store.read_pointer(store.checkpoint_dir(spec.run_dir), store.LATEST)
         state.error = advice(e, reporter.last_finite, latest, spec.train.grad_clip)
         state.exit_code = EXIT_DIVERGED
@@ -196,7 +206,9 @@ def _loop(s: Session, state: TrainState) -> None:
         return
     while state.step < t.max_steps:
         # Every rank, every step boundary: the same answer everywhere.
-        reason = s.stopper.poll(s.watch.encoded)
+        reason = s.stopper.poll(s.watch.encoded, busy=s.writer is not None and s.writer.busy())
+        if s.pending is not None and s.stopper.polls >= s.pending_since + 2 and not s.stopper.busy:
+            _complete(s)  # every rank's writer had drained at the last boundary: same on all
         if s.stopper.diverged:
             raise Diverged(decode(s.stopper.diverged), "the loss or gradient norm is not finite")
         if reason is not None:
@@ -219,6 +231,7 @@ def _loop(s: Session, state: TrainState) -> None:
         if (interval and state.step % interval == 0) or last or stop:
             _save(s, state)
         if stop:
+            _drain(s)
             if s.plan.env.is_main:
                 print(
                     f"early stop at step {state.step} (eval.early_stop): checkpoint saved",
@@ -250,6 +263,7 @@ def _stop(s: Session, state: TrainState, reason: str) -> None:
     saved_now = state.step > state.saved_step
     if saved_now:
         _save(s, state)
+    _drain(s)  # "saved" is said once the tag is complete
     state.stopped, state.exit_code = reason, EXIT_REQUEUE
     if not plan.env.is_main:
         return
@@ -269,6 +283,7 @@ def _stop(s: Session, state: TrainState, reason: str) -> None:
 def _save(s: Session, state: TrainState) -> None:
     """Every rank: refuse a non-finite state (Diverged), then write the tag."""
     s.watch.check_now(s.engine.module, state.step)
+    _drain(s)  # one save at a time
     started = time.perf_counter()
     plan = s.plan
     losses = s.reporter.losses
@@ -287,9 +302,25 @@ def _save(s: Session, state: TrainState) -> None:
         tokenizer=plan.data.tokenizer_identity,
     )
     expected = store.last_checkpoint_bytes(plan.spec.run_dir) or checkpoint_bytes(plan)
-    store.save(s.engine, plan.spec.run_dir, meta, plan.spec.checkpoint.keep_last, expected)
+    keep = plan.spec.checkpoint.keep_last
+    s.pending = store.save(s.engine, plan.spec.run_dir, meta, keep, expected, s.writer)
+    s.pending.started, s.pending_since = started, s.stopper.polls
     state.saved_step = state.step
-    s.stopper.saved(time.perf_counter() - started)
+    if s.writer is None:
+        _complete(s)
+
+
+def _complete(s: Session) -> None:
+    """Every rank: finish the pending save (waiting for this rank's writer, if asynchronous)."""
+    store.finish(s.pending, s.writer)
+    s.stopper.saved(time.perf_counter() - s.pending.started)
+    s.pending = None
+
+
+def _drain(s: Session) -> None:
+    """Complete a pending asynchronous save now (before the next one, a stop, the end)."""
+    if s.pending is not None:
+        _complete(s)
 
 
 def write_memory_report(engine: Any, plan: RunPlan) -> None:
