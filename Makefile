@@ -34,17 +34,23 @@ demo: data
 test: install lint
 	$(PY) -m pytest
 
-# The CPU rows of docs/benchmarks.md: the training step against plain PyTorch (1 rank, ZeRO-0), then
-# 2 ranks with ZeRO-2 on the same cores. JSON in $(BENCH_OUT); about 4 minutes on 2 cores.
+# The CPU rows of docs/benchmarks.md: the training step against plain PyTorch (1 rank, ZeRO-0),
+# 2 ranks with ZeRO-2 on the same cores, then checkpoint saves (a 1.06 GiB checkpoint: synchronous
+# vs asynchronous, and the disk). JSON in $(BENCH_OUT); about 8 minutes on 2 cores.
 BENCH_OUT   ?= runs/bench
 BENCH_MODEL := --set model.n_layer=6 --set model.n_head=6 --set model.n_embd=384 \
 	--set model.block_size=256 --set model.vocab_size=65 --set model.dropout=0.0 \
 	--set train.micro_batch_size=8
+SAVE_MODEL  := --set model.n_layer=10 --set model.n_head=12 --set model.n_embd=768 \
+	--set model.block_size=256 --set model.vocab_size=65 --set model.dropout=0.0 \
+	--set train.micro_batch_size=2
 bench: install
 	$(VENV)/bin/zerolaunch bench --ds_config ds_configs/zero0.json $(BENCH_MODEL) --reference \
 		--steps 60 --out $(BENCH_OUT)/cpu_1rank_zero0.json
 	deepspeed --num_gpus 2 launcher/bench.py --ds_config ds_configs/zero2.json $(BENCH_MODEL) \
 		--steps 30 --out $(BENCH_OUT)/cpu_2rank_zero2.json
+	$(VENV)/bin/zerolaunch bench --ds_config ds_configs/zero1.json $(SAVE_MODEL) --steps 3 \
+		--warmup 1 --saves $(BENCH_OUT) --save-steps 4 --out $(BENCH_OUT)/cpu_saves_zero1.json
 
 # On a GPU machine (it has its own CUDA torch; nothing is installed into .venv): the prepared
 # check of tests/gpu/check.sh, every figure as JSON in $(GPU_OUT). Prepare the corpus first.

@@ -63,6 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--reference", action="store_true", help="also time a plain-PyTorch step of the model"
     )
+    p.add_argument(
+        "--saves",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also time a checkpoint save in DIR: synchronous vs asynchronous (training time "
+        "lost), and against the disk's own write speed",
+    )
+    p.add_argument(
+        "--save-steps", type=int, default=10, help="steps timed around each save (default 10)"
+    )
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
@@ -244,6 +255,12 @@ def run_benchmark(
     result |= _setup(spec, engine_cfg, env, args)
     if args.reference:
         result |= figures.against_reference(times[0], times[1])
+    if args.saves is not None:
+        from dataclasses import asdict
+
+        from launcher.checkpoints.save_bench import measure_saves
+
+        result["saves"] = measure_saves(engine, steps[0], args.saves, args.save_steps, asdict(m))
     return result
 
 
@@ -354,6 +371,16 @@ def _headline(r: dict) -> str:
             f"; plain PyTorch {ref['tokens_per_sec_per_device']:,.0f} tokens/s per device, "
             f"MFU {ref['mfu']:.1f}%: engine/reference = {r['vs_reference']:.3f} "
             f"(paired steps, IQR {r['vs_reference_iqr'][0]:.3f}-{r['vs_reference_iqr'][1]:.3f})"
+        )
+    if "saves" in r:
+        s = r["saves"]
+        line += (
+            f"\ncheckpoint of {s['checkpoint_bytes'] / 2**30:.2f} GiB: synchronous save "
+            f"{s['sync_save_s']:.2f} s ({s['sync_lost_s']:.2f} s of training lost), "
+            f"{s['sync_save_bytes_per_s'] / 2**20:,.0f} MiB/s = {s['sync_vs_disk']:.2f}x the "
+            f"disk's {s['disk_bytes_per_s'] / 2**20:,.0f} MiB/s; asynchronous: training waited "
+            f"{s['async_copy_s']:.2f} s for the copy, {s['async_lost_s']:.2f} s lost in all = "
+            f"{100 * (s['async_lost_vs_sync'] or 0):.0f}% of the synchronous loss"
         )
     return line
 

@@ -12,6 +12,7 @@ rotation (which only removes tags older than the newest complete one) never touc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -20,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
     CheckpointCommitInfo,
     CheckpointEngine,
 )
+
+NICE = 10
+"""The writer thread's nice value: training's threads come first where cores are scarce."""
 
 
 class AsyncWriter(CheckpointEngine):
@@ -33,17 +36,21 @@ class AsyncWriter(CheckpointEngine):
     def __init__(self) -> None:
         super().__init__()
         self.name = "zerolaunch.AsyncWriter"
+        self.pool = StagingPool()
         self.queue: queue.Queue[tuple[Any, Path]] = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
         self.thread.start()
 
     def create(self, info: CheckpointCommitInfo) -> None:
-        pass
+        """A new save starts: the previous one is fully written (saves are drained one at a
+        time), so its staging buffers are free again."""
+        self.pool.recycle()
 
     def save(self, state_dict: Any, path: str) -> None:
-        """Copy to host memory now (views get storages of their own), write later."""
-        self.put(clone_tensors_for_torch_save(state_dict), Path(path))
+        """Copy to host memory now (into the previous save's buffers; views get storages of
+        their own), write later."""
+        self.put(self.pool.stage(state_dict), Path(path))
 
     def put(self, obj: Any, path: Path) -> None:
         """Queue an object that nothing will modify (already a copy) for writing."""
@@ -70,6 +77,8 @@ class AsyncWriter(CheckpointEngine):
             raise error
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux: the nice value is per thread
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         while True:
             obj, path = self.queue.get()
             try:
@@ -80,6 +89,61 @@ class AsyncWriter(CheckpointEngine):
             finally:
                 del obj
                 self.queue.task_done()
+
+
+class StagingPool:
+    """Host buffers for checkpoint copies, reused from save to save.
+
+    A fresh 1 GB allocation costs its page faults (here 1.3 s to copy 1 GB into new memory,
+    0.04-0.12 s into memory already touched), so a save's copies go into the buffers of the
+    previous save, matched by shape and dtype: the host holds one checkpoint's worth of memory
+    per rank for the run's life, pinned when the tensors come from a GPU.
+    """
+
+    def __init__(self) -> None:
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.used: list[torch.Tensor] = []
+
+    def recycle(self) -> None:
+        for t in self.used:
+            self.free.setdefault(_key(t), []).append(t)
+        self.used = []
+
+    def stage(self, obj: Any) -> Any:
+        """A copy of `obj` whose tensors are host buffers of this pool."""
+        staged = self._copy(obj)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+        return staged
+
+    def _copy(self, obj: Any) -> Any:
+        if torch.is_tensor(obj):
+            src = obj.detach()
+            free = self.free.get((tuple(src.shape), src.dtype))
+            buffer = free.pop() if free else _host_like(src)
+            buffer.copy_(src, non_blocking=src.device.type == "cuda")
+            self.used.append(buffer)
+            return buffer
+        if isinstance(obj, dict):  # OrderedDict and defaultdict stay what they are
+            copied = obj.copy()
+            for k, v in obj.items():
+                copied[k] = self._copy(v)
+            return copied
+        if isinstance(obj, list):
+            return [self._copy(v) for v in obj]
+        if isinstance(obj, tuple):
+            items = [self._copy(v) for v in obj]
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+        return obj
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.dtype)
+
+
+def _host_like(src: torch.Tensor) -> torch.Tensor:
+    pinned = src.device.type == "cuda"
+    return torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pinned)
 
 
 def _write(obj: Any, path: Path) -> None:

@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,35 +40,50 @@ GPT2 = {
 COMMON = ["model.block_size=1024", "model.vocab_size=50304", "model.dropout=0.0"]
 if DRY:
     COMMON = ["model.block_size=64", "model.vocab_size=128", "model.dropout=0.0"]
-# (row name, model, DeepSpeed config, extra overrides, --reference, warm-up steps, timed steps)
-# DeepSpeed's ZeRO-3 patches torch.nn.functional.linear for the rest of the process: its row runs
-# last, after the profile of the 124M step.
+# (row name, model, DeepSpeed config, extra overrides, --reference, warm-up steps, timed steps,
+# steps around each checkpoint save for --saves, 0: none). DeepSpeed's ZeRO-3 patches
+# torch.nn.functional.linear for the rest of the process: its row runs after the profile of the
+# 124M step; the checkpoint-save row (a 1.7 GB checkpoint, sync vs async) runs last, as the one
+# to lose if time runs out.
 ROWS = [
-    ("gpt2-124m_zero1_bf16", "124m", "zero1.json", [], True, 5, 20),
-    ("gpt2-124m_zero1_bf16_compile", "124m", "zero1.json", ["train.compile=true"], True, 8, 20),
-    ("gpt2-350m_zero1_bf16", "350m", "zero1.json", [], True, 5, 15),
+    ("gpt2-124m_zero1_bf16", "124m", "zero1.json", [], True, 5, 20, 0),
+    ("gpt2-124m_zero1_bf16_compile", "124m", "zero1.json", ["train.compile=true"], True, 8, 20,
+     0),
+    ("gpt2-350m_zero1_bf16", "350m", "zero1.json", [], True, 5, 15, 0),
     ("1.3b_zero3_ac_bf16", "1.3b", "zero3.json", ["model.activation_checkpointing=full"],
-     False, 4, 12),
+     False, 4, 12, 0),
+    ("gpt2-124m_zero1_bf16_saves", "124m", "zero1.json", [], False, 3, 5, 30),
 ]  # fmt: skip
 
 
-def command(model: str, ds: str, extra: list[str], reference: bool, warmup: int, steps: int):
+def command(
+    model: str, ds: str, extra: list[str], reference: bool, warmup: int, steps: int, saves: int
+):
     sets = " ".join(f"--set {item}" for item in [*GPT2[model], *COMMON, *extra])
     flags = f"--steps {steps} --warmup {warmup}" + (" --reference" if reference else "")
+    flags += f" --saves /tmp --save-steps {saves}" if saves else ""
     return f"zerolaunch bench --ds_config ds_configs/{ds} {sets} {flags}"
 
 
-def run_row(name: str, model: str, ds: str, extra, reference: bool, warmup: int, steps: int):
+def run_row(
+    name: str, model: str, ds: str, extra, reference: bool, warmup: int, steps: int, saves: int
+):
     items = [*GPT2["tiny" if DRY else model], *COMMON, *extra]
     spec = load_spec(None, items)
     env = detect_env()
     ds_path = REPO / "ds_configs" / ds
     engine, _ = engine_settings(spec, None, ds_path, env.world_size, "cpu" if DRY else "cuda")
-    args = argparse.Namespace(steps=steps, warmup=warmup, reference=reference)
+    args = argparse.Namespace(
+        steps=steps,
+        warmup=warmup,
+        reference=reference,
+        saves=Path(tempfile.gettempdir()) if saves else None,
+        save_steps=3 if DRY else saves,
+    )
     started = time.perf_counter()
     result = run_benchmark(spec, engine, env, args)
     result["wall_s"] = time.perf_counter() - started
-    result["command"] = command(model, ds, extra, reference, warmup, steps)
+    result["command"] = command(model, ds, extra, reference, warmup, steps, saves)
     return result
 
 
@@ -113,8 +129,8 @@ def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else REPO / "runs" / "gpu-check")
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for index, row in enumerate(ROWS):
-        if index == len(ROWS) - 1:  # before the ZeRO-3 row (see ROWS)
+    for row in ROWS:
+        if row[0].startswith("1.3b"):  # before the ZeRO-3 row (see ROWS)
             try:
                 profile_step(out / "profile.txt")
             except Exception as e:  # noqa: BLE001
