@@ -173,6 +173,8 @@ class LaggedMax:
         self.reduced[slot][:host].copy_(self.send[slot][:host], non_blocking=True)
         if on_device is not None:
             self.reduced[slot][host:].copy_(on_device.reshape(-1))
+        else:
+            self.reduced[slot][host:].zero_()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.reduced[slot], op=dist.ReduceOp.MAX)
         self.recv[slot].copy_(self.reduced[slot], non_blocking=True)

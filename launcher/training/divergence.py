@@ -76,7 +76,7 @@ def nonfinite_parameters(module: torch.nn.Module, device: torch.device) -> torch
     held = [t for t in held if t.numel()]
     if not held:
         return torch.zeros((), dtype=torch.bool, device=device)
-    return torch.stack([~torch.isfinite(t).all() for t in held]).any().to(device)
+    return torch.stack([(~torch.isfinite(t).all()).to(device) for t in held]).any()
 
 
 def advice(
