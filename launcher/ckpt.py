@@ -87,6 +87,10 @@ def verify(run_dir: Path, tag: str | None) -> int:
     damaged = []
     for name in tags:
         started = time.perf_counter()
+        if not (ckpt_dir / name / store.META_FILE).exists():  # being written, or never finished
+            print(f"{name:<22} INCOMPLETE: no completion marker (a save in progress, or one that "
+                  "never finished: resume skips it)")  # fmt: skip
+            continue
         problem = store.verify_contents(ckpt_dir / name)
         if problem is None:
             meta = store.read_meta(ckpt_dir / name)

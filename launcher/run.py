@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.config.arguments import add_spec_arguments, config_paths
 from launcher.config.paths import DEFAULT_DS_CONFIG
-from launcher.errors import EXIT_REQUEUE, EXIT_USER_ERROR, run_cli
+from launcher.errors import EXIT_REQUEUE, EXIT_USER_ERROR, UserError, run_cli
 
 if TYPE_CHECKING:
     import torch
@@ -142,6 +142,12 @@ def _intact(plan: RunPlan, replan: Callable[[dict[Path, str]], RunPlan]) -> RunP
             return plan
         damaged[plan.resume.tag_dir] = problem
         plan = replan(damaged)
+    if plan.init_from is not None:  # a tag given by path: refused when damaged
+        problem = verify_contents(plan.init_from)
+        if problem is not None:
+            raise UserError(
+                f"checkpoint.init_from={plan.init_from}: the checkpoint is damaged: {problem}"
+            )
     return plan
 
 
@@ -152,12 +158,18 @@ def _lock(plan: RunPlan) -> Callable[[], None]:
     from launcher.runtime.run_lock import RunLock, RunLockError
 
     outcome: list[str | None] = [None, None]  # [refusal, warning]
-    lock = RunLock(plan.spec.run_dir) if plan.env.is_main else None
-    if lock is not None:
+    lock = None
+    if plan.env.is_main:
         try:
+            lock = RunLock(plan.spec.run_dir)
             outcome[1] = lock.acquire()
         except RunLockError as e:
             outcome[0] = str(e)
+        except Exception as e:  # noqa: BLE001 - a filesystem that refuses: every rank must hear
+            outcome[0] = (
+                f"cannot take the lock of {plan.spec.run_dir} ({type(e).__name__}: {e}); "
+                "out_dir must be a writable directory"
+            )
     torch.distributed.broadcast_object_list(outcome, src=0)
     if outcome[0] is not None:
         raise RunLockError(outcome[0])

@@ -52,7 +52,8 @@ def to_v1_layout(tag_dir: Path) -> None:
     meta = json.loads((tag_dir / store.META_FILE).read_text())
     meta["bf16"] = meta.pop("precision") == "bf16"
     old = {key: meta[key] for key in template}
-    assert set(meta) - set(old) == {"format_version", "tokenizer"}  # all that is new since 0.1
+    new = {"format_version", "tokenizer", "hashes"}
+    assert set(meta) - set(old) == new  # all that is new since 0.1
     (tag_dir / store.META_FILE).write_text(json.dumps(old, indent=1))
 
 

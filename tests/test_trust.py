@@ -140,8 +140,10 @@ def test_a_lock_is_stale_only_when_its_holder_is_gone() -> None:
     assert "no longer runs" in stale_reason(reused, 0.0, me)  # the pid was reused
     assert stale_reason(holder(host="elsewhere"), 60.0, me) is None  # its heartbeat is fresh
     assert "heartbeat stopped" in stale_reason(holder(host="elsewhere"), 1000.0, me)
-    requeued = replace(me, job="77")
+    requeued = replace(me, job="77", restart=1)
     assert "before its requeue" in stale_reason(holder(host="elsewhere", job="77"), 1.0, requeued)
+    step_beside = replace(me, job="77")  # another srun of the same allocation: not a requeue
+    assert stale_reason(holder(host="elsewhere", job="77"), 1.0, step_beside) is None
     assert stale_reason(None, 1.0, me) is None  # being written right now
     assert stale_reason(None, 1000.0, me) is not None
 

@@ -37,6 +37,8 @@ class AsyncWriter(CheckpointEngine):
         super().__init__()
         self.name = "zerolaunch.AsyncWriter"
         self.pool = StagingPool()
+        self.written_s = 0.0
+        """Seconds the thread spent writing the current save's files."""
         self.queue: queue.Queue[tuple[Any, Path]] = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
@@ -46,6 +48,7 @@ class AsyncWriter(CheckpointEngine):
         """A new save starts: the previous one is fully written (saves are drained one at a
         time), so its staging buffers are free again."""
         self.pool.recycle()
+        self.written_s = 0.0
 
     def save(self, state_dict: Any, path: str) -> None:
         """Copy to host memory now (into the previous save's buffers; views get storages of
@@ -83,7 +86,9 @@ class AsyncWriter(CheckpointEngine):
             obj, path = self.queue.get()
             try:
                 if self.error is None:  # after a failure, the tag is lost: drop the rest
+                    started = time.perf_counter()
                     _write(obj, path)
+                    self.written_s += time.perf_counter() - started
             except BaseException as e:  # noqa: BLE001 - handed to the training thread
                 self.error = e
             finally:
@@ -128,6 +133,8 @@ class StagingPool:
             copied = obj.copy()
             for k, v in obj.items():
                 copied[k] = self._copy(v)
+            if hasattr(obj, "_metadata"):  # a module state_dict's version information
+                copied._metadata = obj._metadata
             return copied
         if isinstance(obj, list):
             return [self._copy(v) for v in obj]

@@ -11,7 +11,9 @@ fraction of what writing the bytes did (figures: docs/benchmarks.md).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 import xxhash
@@ -49,37 +51,58 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def hash_tag(tag_dir: Path, files: dict[str, int]) -> dict[str, str]:
-    """Every rank: fsync and hash its share of a just-written tag's files; every rank gets all
-    the hashes."""
+def _gather(value: Any) -> list[Any]:
+    """Every rank's `value` (just this one's without a process group)."""
     rank, world = _world()
-    mine = {name: file_hash(tag_dir / name, sync=True) for name in share(files, rank, world)}
     if world == 1:
-        return mine
-    gathered: list[dict[str, str] | None] = [None] * world
-    dist.all_gather_object(gathered, mine)
-    return {name: h for part in gathered for name, h in (part or {}).items()}
+        return [value]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def hash_tag(tag_dir: Path, list_files: Callable[[], dict[str, int]]) -> tuple[dict, str | None]:
+    """Every rank: fsync and hash its share of a just-written tag's files, listed once by rank
+    0 (`list_files`) so that every rank deals the same list. Returns every file's hash and the
+    first problem any rank met reading its share (the same on every rank)."""
+    rank, world = _world()
+    listing = [list_files() if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(listing, src=0)
+    mine, problem = {}, None
+    try:
+        for name in share(listing[0], rank, world):
+            mine[name] = file_hash(tag_dir / name, sync=True)
+    except OSError as e:
+        problem = f"rank {rank} could not read back {e.filename}: {e.strerror}"
+    parts = _gather((mine, problem))
+    hashes = {name: h for part, _ in parts for name, h in part.items()}
+    return hashes, next((p for _, p in parts if p), None)
 
 
 def mismatch(tag_dir: Path, hashes: dict[str, str], names: list[str]) -> str | None:
-    """The first of `names` whose bytes no longer match their recorded hash."""
+    """The first of `names` whose bytes no longer match their recorded hash, or cannot be
+    read."""
     for name in names:
         path = tag_dir / name
-        if not path.exists():
+        try:
+            if file_hash(path) != hashes[name]:
+                return f"{name} has changed since it was saved (its content hash differs)"
+        except FileNotFoundError:
             return f"{name} is missing"
-        if file_hash(path) != hashes[name]:
-            return f"{name} has changed since it was saved (its content hash differs)"
+        except OSError as e:
+            return f"{name} cannot be read ({e.strerror})"
     return None
 
 
-def verify_together(tag_dir: Path, hashes: dict[str, str], sizes: dict[str, int]) -> str | None:
-    """Every rank: check its share of the recorded hashes; every rank gets the same answer
-    (the first problem any rank found, or None). A tag without hashes passes."""
+def verify_together(
+    tag_dir: Path, hashes: dict[str, str], sizes: dict[str, int], problem: str | None = None
+) -> str | None:
+    """Every rank (always, whatever it found): check its share of the recorded hashes; every
+    rank gets the same answer, the first problem any rank found (`problem`: one this rank
+    already knows of), or None. A tag without hashes passes."""
     rank, world = _world()
-    recorded = {n: sizes.get(n, 0) for n in hashes}
-    problem = mismatch(tag_dir, hashes, share(recorded, rank, world))
-    if world == 1:
-        return problem
-    gathered: list[str | None] = [None] * world
-    dist.all_gather_object(gathered, problem)
-    return next((p for p in gathered if p), None)
+    if problem is None:
+        recorded = {n: sizes.get(n, 0) for n in hashes}
+        problem = mismatch(tag_dir, hashes, share(recorded, rank, world))
+    return next((p for p in _gather(problem) if p), None)

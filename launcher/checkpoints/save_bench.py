@@ -27,12 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from launcher.checkpoints import store
 from launcher.checkpoints.async_save import AsyncWriter
 from launcher.checkpoints.contract import CheckpointMeta
+from launcher.runtime.distributed import all_max
 
 CHUNK = 16 << 20
 REPEATS = 2
@@ -100,15 +100,11 @@ def _figures(
 
 
 def _slowest(seconds: float) -> float:
-    value = torch.tensor([seconds])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item()
+    return all_max(seconds)
 
 
 def _anyone(flag: bool) -> bool:
-    value = torch.tensor([float(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(all_max(flag))
 
 
 def _train(

@@ -19,7 +19,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from launcher.checkpoints.contract import META_FILE, CheckpointMeta
 from launcher.config.load import spec_from_dict
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
+from launcher.runtime.distributed import all_max
 from model.gpt import GPTConfig
 
 LATEST = "latest"
@@ -258,7 +259,8 @@ class Pending:
     meta: CheckpointMeta
     keep_last: int
     expected_bytes: int
-    started: float = field(default_factory=time.perf_counter)
+    call_s: float = 0.0
+    """Seconds the save call took (all of the writing, or the copy when asynchronous)."""
 
     @property
     def tag(self) -> str:
@@ -312,14 +314,19 @@ def finish(pending: Pending, writer: Any = None) -> Path:
     dist = torch.distributed
     ckpt_dir, tag, meta = pending.ckpt_dir, pending.tag, pending.meta
     tag_dir = ckpt_dir / tag
+    error = None
     if writer is not None:
         try:
             writer.wait()
-        except Exception as e:  # noqa: BLE001 - as in save
-            _failed(ckpt_dir, tag, pending.expected_bytes, e)
+        except Exception as e:  # noqa: BLE001 - as in save; every rank is here: stop together
+            error = e
+    if all_max(error is not None):
+        _failed(ckpt_dir, tag, pending.expected_bytes, error, together=True)
     _test_pause(meta.step)
     dist.barrier()  # every rank's files are on disk before the tag can count as complete
-    meta.hashes = integrity.hash_tag(tag_dir, tag_files(tag_dir))  # each rank hashes a share
+    meta.hashes, problem = integrity.hash_tag(tag_dir, lambda: tag_files(tag_dir))
+    if problem is not None:
+        _failed(ckpt_dir, tag, pending.expected_bytes, OSError(problem), together=True)
     if dist.get_rank() == 0:
         complete(ckpt_dir, tag, meta, keep_last=pending.keep_last)
     dist.barrier()
@@ -330,9 +337,7 @@ def _check_space(ckpt_dir: Path, tag: str, expected_bytes: int) -> None:
     problem = None if os.environ.get("ZEROLAUNCH_TEST_SKIP_SPACE_CHECK") else (
         space_problem(ckpt_dir, expected_bytes)
     )  # fmt: skip
-    short = torch.tensor([float(problem is not None)])
-    torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
-    if short.item():
+    if all_max(problem is not None):
         latest = read_pointer(ckpt_dir, LATEST)
         kept = f"checkpoint {latest} is intact" if latest else "run has no checkpoint yet"
         raise SaveError(
@@ -343,17 +348,23 @@ def _check_space(ckpt_dir: Path, tag: str, expected_bytes: int) -> None:
         )
 
 
-def _failed(ckpt_dir: Path, tag: str, expected_bytes: int, error: Exception) -> None:
+def _failed(
+    ckpt_dir: Path, tag: str, expected_bytes: int, error: Exception | None, together: bool = False
+) -> None:
+    """A write failed: this rank alone knows (mid-save), or every rank does (`together`: all
+    reached the same point, `error` is None where another rank failed)."""
     rank = torch.distributed.get_rank()
     if rank == 0:  # the tag never completes: it goes, and the space with it
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-    why = space_problem(ckpt_dir, expected_bytes) or f"{type(error).__name__}: {error}"
+    why = space_problem(ckpt_dir, expected_bytes)
+    why = why or (f"{type(error).__name__}: {error}" if error else "another rank's write failed")
+    who = "the ranks" if together else f"rank {rank}"
     latest = read_pointer(ckpt_dir, LATEST)
     kept = f"checkpoint {latest} is intact" if latest else "run has no checkpoint yet"
     raise SaveError(
-        f"rank {rank} could not write checkpoint {tag} in {ckpt_dir} ({why}); the tag is "
+        f"{who} could not write checkpoint {tag} in {ckpt_dir} ({why}); the tag is "
         f"incomplete and will be skipped. Free space there and run again: the {kept}",
-        together=False,
+        together=together,
     ) from error
 
 
@@ -366,11 +377,14 @@ def tag_files(tag_dir: Path) -> dict[str, int]:
 def verify_contents(tag_dir: Path) -> str | None:
     """Every rank: the tag's files against the hashes recorded when it was saved (each rank
     reads its share); the same answer everywhere. Sizes first (verify), then the bytes."""
-    problem = verify(tag_dir)
+    problem, hashes, sizes = verify(tag_dir), {}, {}
     if problem is None:
-        meta = read_meta(tag_dir)
-        problem = integrity.verify_together(tag_dir, meta.hashes, meta.manifest)
-    return problem
+        try:
+            meta = read_meta(tag_dir)
+            hashes, sizes = meta.hashes, meta.manifest
+        except UserError as e:
+            problem = str(e)
+    return integrity.verify_together(tag_dir, hashes, sizes, problem)
 
 
 def _test_pause(step: int) -> None:

@@ -212,6 +212,22 @@ def rank_map(env: DistEnv, device: torch.device) -> list[dict]:
     return everyone
 
 
+def collective_device() -> torch.device:
+    """Where tensors for a collective must live: the GPU under NCCL, the CPU under gloo."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_max(value: float) -> float:
+    """Every rank's maximum of a number (the value itself without a process group)."""
+    if not torch.distributed.is_initialized():
+        return value
+    tensor = torch.tensor([float(value)], device=collective_device())
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor.item()
+
+
 def exit_together(code: int, before_exit: Callable[[], None] | None = None) -> int:
     """All ranks leave together, once everything is saved, flushed and closed.
 

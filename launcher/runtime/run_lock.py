@@ -7,9 +7,9 @@ pid, the process's start time, the Slurm job. A thread touches it every HEARTBEA
 other machines of a shared filesystem can tell a live holder from a dead one.
 
 A lock is stale, and taken over with a warning, when its holder is this Slurm job's previous
-incarnation (a requeue), a process of this host that no longer runs, or a process elsewhere
-whose heartbeat stopped STALE_S ago. Tools that only read a run (sample, export, ckpt, report)
-never take it.
+incarnation (a requeue: a lower SLURM_RESTART_COUNT), a process of this host that no longer
+runs, or a process elsewhere whose heartbeat stopped STALE_S ago. Tools that only read a run
+(sample, export, ckpt, report) never take it.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class Holder:
     since: float
     job: str | None = None
     """SLURM_JOB_ID of the holder, if it ran under Slurm."""
+    restart: int = 0
+    """SLURM_RESTART_COUNT of the holder: a requeue counts up."""
 
     @classmethod
     def me(cls) -> Holder:
@@ -55,6 +57,7 @@ class Holder:
             psutil.Process(pid).create_time(),
             time.time(),
             os.environ.get("SLURM_JOB_ID"),
+            int(os.environ.get("SLURM_RESTART_COUNT") or 0),
         )
 
     def describe(self) -> str:
@@ -71,7 +74,7 @@ def stale_reason(holder: Holder | None, heartbeat_age: float, me: Holder) -> str
     """Why a lock whose holder is `holder` (None: unreadable) is stale, or None if it is live."""
     if holder is None:
         return "its lock file is unreadable" if heartbeat_age > HEARTBEAT_S else None
-    if holder.job and holder.job == me.job:
+    if holder.job and holder.job == me.job and holder.restart < me.restart:
         return f"it was this Slurm job ({me.job}) before its requeue"
     if holder.host == me.host:
         return None if _running(holder) else f"pid {holder.pid} no longer runs on {holder.host}"

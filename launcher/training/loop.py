@@ -304,16 +304,20 @@ def _save(s: Session, state: TrainState) -> None:
     expected = store.last_checkpoint_bytes(plan.spec.run_dir) or checkpoint_bytes(plan)
     keep = plan.spec.checkpoint.keep_last
     s.pending = store.save(s.engine, plan.spec.run_dir, meta, keep, expected, s.writer)
-    s.pending.started, s.pending_since = started, s.stopper.polls
+    s.pending.call_s, s.pending_since = time.perf_counter() - started, s.stopper.polls
     state.saved_step = state.step
     if s.writer is None:
         _complete(s)
 
 
 def _complete(s: Session) -> None:
-    """Every rank: finish the pending save (waiting for this rank's writer, if asynchronous)."""
+    """Every rank: finish the pending save (waiting for this rank's writer, if asynchronous).
+    The time-limit check learns what a save costs when waited for: the call, the writing (the
+    writer thread's own time, not the steps that ran beside it) and the completion."""
+    started = time.perf_counter()
     store.finish(s.pending, s.writer)
-    s.stopper.saved(time.perf_counter() - s.pending.started)
+    written = s.writer.written_s if s.writer is not None else 0.0
+    s.stopper.saved(s.pending.call_s + written + time.perf_counter() - started)
     s.pending = None
 
 

@@ -328,6 +328,11 @@ def _init_from(spec: RunSpec, data: DataPlan, warnings: list[str]) -> Path:
             "directory, e.g. runs/NAME/checkpoints/global_step1000 (zerolaunch ckpt list RUN)"
         )
     meta = store.check_compatible(tag, spec.model)
+    if store.diverged(meta):
+        raise UserError(
+            f"checkpoint.init_from={tag}: its losses are not finite (saved after training "
+            "diverged); start from an earlier tag"
+        )
     if meta.tokenizer and not same_identity(meta.tokenizer, data.tokenizer_identity):
         warnings.append(
             f"checkpoint.init_from: {tag} was trained with {describe_identity(meta.tokenizer)}, "
