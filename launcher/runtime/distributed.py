@@ -7,6 +7,7 @@ import socket
 import sys
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -195,6 +196,28 @@ def init_process_group() -> None:
             "machine?). Choose a free one: deepspeed --master_port N ..., torchrun --master_port "
             "N ..., or export MASTER_PORT=N"
         ) from None
+    _unlink_shm_buffer()
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_buffer_name(rank: int) -> str:
+    """The shared-memory segment DeepSpeed's CPU all-reduce creates for a rank
+    (csrc/cpu/comm/shm.cpp: deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank})."""
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
+
+
+def _unlink_shm_buffer() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce gives each rank a 66 MB segment in /dev/shm and
+    never removes it: every CPU run left them behind until a reboot (a test suite filled 20 GB
+    of RAM with them). Once every rank has mapped every other's (init is done: a barrier), the
+    names can go; the mappings stay valid until the processes end, however they end."""
+    if torch.distributed.get_backend() != "gloo":  # NCCL: no such segment
+        return
+    torch.distributed.barrier()  # every rank, whether or not it has one (several machines)
+    (SHM_DIR / shm_buffer_name(torch.distributed.get_rank())).unlink(missing_ok=True)
 
 
 def rank_map(env: DistEnv, device: torch.device) -> list[dict]:
