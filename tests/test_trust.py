@@ -31,6 +31,7 @@ from launcher.checkpoints import store
 from launcher.checkpoints.contract import CheckpointMeta
 from launcher.checkpoints.integrity import share
 from launcher.errors import EXIT_DIVERGED, EXIT_USER_ERROR
+from launcher.runtime.distributed import SHM_DIR
 from launcher.runtime.run_lock import LOCK_FILE, Holder, stale_reason
 from launcher.training.divergence import Diverged, DivergenceWatch, decode
 
@@ -158,6 +159,7 @@ def test_one_run_per_directory_and_a_killed_runs_lock_is_taken_over(tiny_data, t
     """The issue's reproduction: the same command started twice. Before: both trained, the
     metrics interleaved, spec.yaml/ds_config.json/ranks.json overwritten."""
     out = tmp_path / "run"
+    shm_before = set(SHM_DIR.glob("deepspeed_allreduce_buffer_*"))
     first = start_deepspeed_run(tiny_data, out, "checkpoint.interval=2")
     run_files = {p: p.read_bytes() for p in out.iterdir() if p.is_file() and p.suffix != ".jsonl"}
     records = len(read_metrics(out))
@@ -179,6 +181,8 @@ def test_one_run_per_directory_and_a_killed_runs_lock_is_taken_over(tiny_data, t
     assert "warning: took over the lock of" in resumed.stderr and "no longer runs" in resumed.stderr
     assert f"at step {step}" in resumed.stdout
     assert not (out / LOCK_FILE).exists()  # given back at the end
+    # DeepSpeed's CPU all-reduce segments (66 MB a rank) are gone, even those of the killed run.
+    assert set(SHM_DIR.glob("deepspeed_allreduce_buffer_*")) <= shm_before
 
 
 @pytest.mark.integration
