@@ -1,4 +1,6 @@
-"""GPT-2 architecture: learned positions, pre-LayerNorm, GELU (tanh), tied embeddings.
+"""The GPT decoder: GPT-2 (learned positions, LayerNorm, GELU, tied embeddings) and the Llama
+family (rotary positions, RMSNorm, SwiGLU, grouped-query attention, untied, no biases), one
+pre-norm block with each choice a field of GPTConfig.
 
 Kept free of DeepSpeed and of the launcher so it can be read, tested and reused on its own.
 """
@@ -15,30 +17,71 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+CHECKPOINTING = ("none", "full", "every_n")
+
 
 @dataclass
 class GPTConfig:
-    """Shape of the model. GPT-2 names, so every reader already knows them."""
+    """Shape of the model. GPT-2 names, so every reader already knows them; every field's default
+    is GPT-2's, and the Llama family is rope + rmsnorm + swiglu + n_kv_head + untied, no bias."""
 
     n_layer: int = 6
     """Number of transformer blocks."""
     n_head: int = 6
-    """Attention heads per block; must divide n_embd."""
+    """Attention (query) heads per block; must divide n_embd."""
     n_embd: int = 384
     """Width of the residual stream."""
     block_size: int = 256
-    """Context length in tokens (learned position embeddings of this many rows)."""
+    """Context length in tokens."""
     vocab_size: int | None = None
     """Embedding rows; null = the dataset tokenizer's vocabulary, padded up to a multiple of 64."""
     dropout: float = 0.0
     """Dropout on attention weights, residual branches and embeddings (0 for pretraining)."""
     bias: bool = True
-    """Biases in Linear and LayerNorm layers, as in GPT-2."""
+    """Biases in Linear and LayerNorm layers, as in GPT-2 (Llama has none)."""
+    n_kv_head: int | None = None
+    """Key/value heads: grouped-query attention when fewer than n_head (must divide it; 1 is
+    multi-query); null = n_head (GPT-2's multi-head attention)."""
+    positions: str = "learned"
+    """learned (GPT-2: a table of block_size position embeddings) | rope (rotary, Llama)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies (positions: rope); Llama-2 10000, Llama-3 500000."""
+    norm: str = "layernorm"
+    """layernorm (GPT-2) | rmsnorm (Llama)."""
+    norm_eps: float = 1e-5
+    """Epsilon of every norm (GPT-2 1e-5; Llama-2 1e-5, TinyLlama 1e-5, Llama-3 1e-5)."""
+    mlp: str = "gelu"
+    """gelu (GPT-2: GELU, tanh approximation) | swiglu (Llama: SiLU-gated, three matrices)."""
+    intermediate_size: int | None = None
+    """MLP hidden width; null = 4 * n_embd (gelu) or Llama's 8/3 * n_embd rounded up to a
+    multiple of 256 (swiglu)."""
+    tie_embeddings: bool = True
+    """The output head shares the token embedding's matrix (GPT-2); false = its own (Llama)."""
     activation_checkpointing: str = "none"
     """none | full (every block) | every_n (every activation_checkpointing_n-th block): keep only
     block inputs for backward and recompute the rest, trading compute for memory."""
     activation_checkpointing_n: int = 2
     """For every_n: checkpoint blocks 0, n, 2n, ..."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def ffn_size(self) -> int:
+        """The MLP's hidden width."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        if self.mlp == "swiglu":
+            return 256 * -(-(8 * self.n_embd // 3) // 256)
+        return 4 * self.n_embd
 
     def checkpointed(self, layer: int) -> bool:
         """Whether block `layer` recomputes its activations in backward."""
@@ -48,50 +91,204 @@ class GPTConfig:
         return policy == "every_n" and layer % self.activation_checkpointing_n == 0
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+def shape_problems(config: GPTConfig) -> list[str]:
+    """Every way the fields fail to describe a buildable model, one line each (field names as in
+    the spec's model section)."""
+    c, problems = config, []
+    choices = {
+        "positions": POSITIONS,
+        "norm": NORMS,
+        "mlp": MLPS,
+        "activation_checkpointing": CHECKPOINTING,
+    }
+    for key, allowed in choices.items():
+        if getattr(c, key) not in allowed:
+            problems.append(f"{key}: {getattr(c, key)!r} is not one of {', '.join(allowed)}")
+    if c.n_head >= 1 and c.n_embd % c.n_head:
+        problems.append(f"n_head: {c.n_head} does not divide n_embd={c.n_embd}")
+    if c.n_kv_head is not None and c.n_head >= 1 and c.n_kv_head >= 1 and c.n_head % c.n_kv_head:
+        problems.append(
+            f"n_kv_head: {c.n_kv_head} does not divide n_head={c.n_head} (each key/value head "
+            "serves an equal group of query heads)"
+        )
+    if c.n_kv_head is not None and c.n_kv_head < 1:
+        problems.append(f"n_kv_head: must be >= 1 or null, got {c.n_kv_head}")
+    if c.positions == "rope" and c.n_head >= 1 and (c.n_embd // c.n_head) % 2:
+        problems.append(
+            f"positions: rope rotates pairs of dimensions, but the head size "
+            f"n_embd/n_head = {c.n_embd // c.n_head} is odd"
+        )
+    if not c.rope_theta > 0:
+        problems.append(f"rope_theta: must be > 0, got {c.rope_theta}")
+    if not c.norm_eps > 0:
+        problems.append(f"norm_eps: must be > 0, got {c.norm_eps}")
+    if c.intermediate_size is not None and c.intermediate_size < 1:
+        problems.append(f"intermediate_size: must be >= 1 or null, got {c.intermediate_size}")
+    return problems
+
+
+# ------------------------------------------------------------------------------ the blocks
+
+
+def rope_tables(config: GPTConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of the rotary angles, (T, head_dim) in fp32, in Hugging Face Llama's layout
+    (the two halves of a head rotate together), so its checkpoints load without permutation."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    angles = torch.outer(positions.float(), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, T, head_dim) queries or keys by their positions' angles."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 whatever the activations' precision (as Llama)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class KVCache:
+    """Keys and values of every layer for generation, allocated once for max_len positions at
+    the first forward (in the model's dtype and device); `length` positions are filled."""
+
+    def __init__(self, n_layer: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+
+    def append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's keys/values after the filled ones; all of them so far."""
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; {end} needed")
+        if self.keys[layer] is None:
+            B, H, _, D = k.shape
+            self.keys[layer] = k.new_empty(B, H, self.max_len, D)
+            self.values[layer] = v.new_empty(B, H, self.max_len, D)
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head, grouped-query or multi-query attention; q, k and v from one fused matrix
+    (rows: n_head query heads, then n_kv_head key heads, then n_kv_head value heads)."""
+
+    def __init__(self, config: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        qkv = (config.n_head + 2 * config.kv_heads) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # SDPA picks flash / memory-efficient kernels on GPUs where they apply.
+        d = self.head_dim
+        sizes = [self.n_head * d, self.n_kv_head * d, self.n_kv_head * d]
+        q, k, v = self.c_attn(x).split(sizes, dim=2)
+        # (B, T, heads * d) -> (B, heads, T, d)
+        q = q.view(B, T, self.n_head, d).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, d).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, d).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask, causal = None, True
+        if cache is not None and cache.length:
+            past = cache.length
+            k, v = cache.append(self.layer, k, v)
+            causal = False  # one new token sees every cached one; a chunk needs its own mask
+            if T > 1:
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        elif cache is not None:
+            k, v = cache.append(self.layer, k, v)
+        # SDPA picks flash / memory-efficient kernels on GPUs where they apply; with fewer
+        # key/value heads each serves n_head / n_kv_head query heads without being copied.
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
+            enable_gqa=self.n_kv_head != self.n_head,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
+    """GPT-2's GELU MLP, or Llama's SwiGLU: silu(gate) * up, with gate and up fused in c_fc
+    (rows: gate, then up)."""
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gated = config.mlp == "swiglu"
+        hidden = config.ffn_size
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.gated else 1) * hidden, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = self.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        rope = None if cos is None else (cos, sin)
+        x = x + self.attn(self.ln_1(x), rope, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -100,26 +297,22 @@ class GPT(nn.Module):
         super().__init__()
         if config.vocab_size is None:
             raise ValueError("GPTConfig.vocab_size must be resolved to an int before building GPT")
-        if config.activation_checkpointing not in ("none", "full", "every_n"):
-            policy = config.activation_checkpointing
-            raise ValueError(f"activation_checkpointing={policy!r}: use none, full or every_n")
-        if config.n_embd % config.n_head != 0:
-            raise ValueError(f"n_head={config.n_head} must divide n_embd={config.n_embd}")
+        problems = shape_problems(config)
+        if problems:
+            raise ValueError("; ".join(problems))
         self.config = config
         # Swappable so a launcher can use DeepSpeed's (partitioned, CPU-offloaded) checkpointing.
         self.checkpoint_fn: Callable = functools.partial(checkpoint, use_reentrant=False)
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.positions == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules["drop"] = nn.Dropout(config.dropout)
+        modules["h"] = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        modules["ln_f"] = make_norm(config)
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Tied input/output embeddings (weight tying, as GPT-2).
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:  # weight tying, as GPT-2
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per residual add.
         for name, p in self.named_parameters():
@@ -136,27 +329,45 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count; tied weights counted once. non_embedding drops position embeddings
-        (the token embedding stays: it is also the output head)."""
+        """Parameter count; tied weights counted once. non_embedding drops the lookup tables
+        (position embeddings, and the token embedding unless it is also the output head)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every position; with targets, also the mean cross-entropy loss."""
+        """Logits for every position; with targets, also the mean cross-entropy loss. With a
+        cache, idx continues the positions it holds (generation)."""
+        start = 0 if cache is None else cache.length
         T = idx.size(1)
-        if self.config.block_size < T:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if self.config.block_size < start + T:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx)
+        rope: tuple[torch.Tensor, ...] = ()
+        if self.config.positions == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = rope_tables(self.config, pos)
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             if self.training and torch.is_grad_enabled() and self.config.checkpointed(layer):
-                x = self.checkpoint_fn(block, x)
+                x = self.checkpoint_fn(block, x, *rope)
             else:
-                x = block(x)
+                x = block(x, *rope, cache=cache) if rope else block(x, cache=cache)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
@@ -173,26 +384,42 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         vocab_limit: int | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """Autoregressive sampling; idx is (B, T) token ids, returns (B, T + max_new_tokens).
 
+        With the cache each step runs only the new token; once the text outgrows block_size the
+        window slides and each step re-reads the last block_size tokens (as without a cache).
         vocab_limit keeps sampling to the tokenizer's ids when the embedding is padded past them.
         """
+        block = self.config.block_size
+        cache = None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]
-            logits, _ = self(context)
-            logits = logits[:, -1, :vocab_limit].float()
-            if temperature <= 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
+            if use_cache and idx.size(1) <= block:
+                cache = cache or KVCache(self.config.n_layer, block)
+                logits, _ = self(idx[:, cache.length :], cache=cache)
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits[logits < kth] = -float("inf")
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+                logits, _ = self(idx[:, -block:])
+            next_id = self._pick(logits[:, -1, :vocab_limit].float(), temperature, top_k, generator)
             idx = torch.cat((idx, next_id), dim=1)
         return idx
+
+    @staticmethod
+    def _pick(
+        logits: torch.Tensor,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """The next token of each row: greedy at temperature 0, else sampled (top-k)."""
+        if temperature <= 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+            logits[logits < kth] = -float("inf")
+        probs = F.softmax(logits, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 def count_params(config: GPTConfig, non_embedding: bool = False) -> int:
@@ -204,8 +431,8 @@ def count_params(config: GPTConfig, non_embedding: bool = False) -> int:
 def flops_per_token(config: GPTConfig) -> int:
     """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*H*Q*T.
 
-    N is the non-embedding parameter count (which includes the tied output head), L layers,
-    H heads, Q head dimension, T context length.
+    N is the non-embedding parameter count (which includes the output head, tied or not), L
+    layers, H query heads, Q head dimension, T context length.
     """
     head_dim = config.n_embd // config.n_head
     attention = 12 * config.n_layer * config.n_head * head_dim * config.block_size

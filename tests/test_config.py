@@ -83,7 +83,7 @@ def test_value_checks(tmp_path: Path) -> None:
     text = "model:\n  n_embd: 100\n  n_head: 3\ntrain:\n  lr: 1e-4\n  min_lr: 1e-3\n"
     with pytest.raises(SpecError) as e:
         load_spec(write(tmp_path, text))
-    assert "model.n_head: 3 does not divide model.n_embd=100" in str(e.value)
+    assert "model.n_head: 3 does not divide n_embd=100" in str(e.value)
     assert "train.min_lr: 0.001 is above train.lr=0.0001" in str(e.value)
 
 

@@ -19,6 +19,7 @@ import yaml
 from launcher.config.paths import DEFAULT_SPEC, display_path, file_problem, find_config
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
+from model.gpt import shape_problems
 
 
 class SpecError(UserError):
@@ -269,13 +270,7 @@ def validate(spec: RunSpec) -> list[str]:
     problems: list[str] = []
     m, t = spec.model, spec.train
     _check_min(problems, m, "model", 1, "n_layer", "n_head", "n_embd", "block_size", "vocab_size")
-    if m.n_head >= 1 and m.n_embd % m.n_head:
-        problems.append(f"model.n_head: {m.n_head} does not divide model.n_embd={m.n_embd}")
-    if m.activation_checkpointing not in ("none", "full", "every_n"):
-        problems.append(
-            f"model.activation_checkpointing: {m.activation_checkpointing!r} is not "
-            "none, full or every_n"
-        )
+    problems += [f"model.{p}" for p in shape_problems(m)]
     _check_min(problems, m, "model", 1, "activation_checkpointing_n")
     if not 0.0 <= m.dropout < 1.0:
         problems.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
