@@ -9,9 +9,11 @@ both, so no permutation is ever needed.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,6 +108,25 @@ def to_hf_config(model: GPTConfig, eod_id: int | None, dtype: str) -> dict:
         "eos_token_id": eod_id,
         "torch_dtype": dtype,
     }
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """Our shape fields from a Hugging Face model directory's config.json."""
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise UserError(f"{directory} is not a directory; give a Hugging Face model directory")
+    if not path.is_file():
+        raise UserError(
+            f"{directory} has no config.json: not a Hugging Face model directory (save one with "
+            "model.save_pretrained(DIR), or export a run with zerolaunch export)"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read as JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return from_hf_config(config, str(path))
 
 
 def from_hf_config(config: dict, source: str) -> dict[str, Any]:

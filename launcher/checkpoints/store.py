@@ -174,8 +174,8 @@ def check_compatible(tag_dir: Path, model: GPTConfig) -> CheckpointMeta:
     """Refuse a checkpoint of another model shape, listing what differs; returns its metadata.
     A shape field the checkpoint predates counts as that field's default."""
     meta = read_meta(tag_dir)
-    not_shape = {"dropout", "activation_checkpointing", "activation_checkpointing_n"}
-    defaults = {f.name: f.default for f in fields(GPTConfig)}
+    not_shape = {"dropout", "activation_checkpointing", "activation_checkpointing_n", "init_from"}
+    defaults = {f.name: f.default for f in fields(type(model))}
     diffs = [
         f"model.{k}: checkpoint {meta.model.get(k, defaults[k])!r}, now {v!r}"
         for k, v in asdict(model).items()

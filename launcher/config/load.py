@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from launcher.checkpoints.hf_layout import SHAPE_FIELDS, read_config, shape_differences
 from launcher.config.paths import DEFAULT_SPEC, display_path, file_problem, find_config
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
@@ -203,6 +204,23 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
+def _shape_from_checkpoint(spec: RunSpec, given: dict, problems: list[str]) -> None:
+    """model.init_from: the shape fields the spec leaves out (or null) come from the Hugging
+    Face config.json; those it sets must build the same model."""
+    try:
+        shape = read_config(Path(spec.model.init_from))
+    except UserError as e:
+        problems.append(f"model.init_from: {e}")
+        return
+    set_here = {k for k, v in given.items() if v is not None}
+    differ = shape_differences(spec.model, shape, set_here)
+    if differ:
+        problems += [f"{d} (leave it out to take the checkpoint's)" for d in differ]
+        return
+    for key, value in shape.items():
+        setattr(spec.model, key, value)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`train.lr=3e-4` -> (['train', 'lr'], 3e-4), the value read as YAML."""
     key, sep, raw = item.partition("=")
@@ -247,7 +265,12 @@ def load_spec(path: Path | None = None, overrides: list[str] | None = None) -> R
     raw = apply_overrides(read_yaml(path), overrides or [])
     source = display_path(path) + (" with --set overrides" if overrides else "")
     problems: list[str] = []
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("init_from"):  # null: the checkpoint's value
+        raw["model"] = {k: v for k, v in model.items() if v is not None or k not in SHAPE_FIELDS}
     spec = _build(RunSpec, raw, "", problems)
+    if not problems and spec.model.init_from:
+        _shape_from_checkpoint(spec, raw.get("model") or {}, problems)
     if not problems:
         problems = validate(spec)
     if problems:

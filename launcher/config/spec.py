@@ -14,6 +14,15 @@ from model.gpt import GPTConfig
 
 
 @dataclass
+class ModelSpec(GPTConfig):
+    """The model's shape (every GPTConfig field), and where its first weights come from."""
+
+    init_from: str | None = None
+    """A Hugging Face model directory (GPT2LMHeadModel or LlamaForCausalLM) a fresh run starts
+    from; its config.json gives every shape field the spec leaves out, and those set must agree."""
+
+
+@dataclass
 class DataSource:
     """One indexed dataset (PREFIX.bin/.idx/.json) and its share of a blend."""
 
@@ -167,7 +176,7 @@ class RunSpec:
     """Run name; also the default output directory runs/<name>."""
     out_dir: str | None = None
     """Where checkpoints, metrics and the resolved spec go; null = runs/<name>."""
-    model: GPTConfig = field(default_factory=GPTConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
