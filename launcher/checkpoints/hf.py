@@ -1,16 +1,16 @@
-"""The Hugging Face GPT-2 layout, both ways: config.json + model.safetensors out of a checkpoint,
-and our state dict back from such a directory.
+"""Hugging Face model directories, both ways: a run's checkpoint out as `GPT2LMHeadModel` or
+`LlamaForCausalLM` (config.json, generation_config.json, safetensors sharded with an index past
+--max-shard-size, tokenizer files AutoTokenizer loads), and weights back in (`model.init_from`,
+`zerolaunch sample` on an exported directory).
 
-Out: consolidated fp32 weights from any ZeRO stage, streamed tensor by tensor into the
-safetensors file (memory stays near one tensor), with Hugging Face's names and Conv1D layout,
-so that `transformers.GPT2LMHeadModel.from_pretrained(DIR)` loads it; the tokenizer description
-(and its model file) is copied beside it.
+Out: consolidated weights from any ZeRO stage, streamed tensor by tensor into the safetensors
+files (memory stays near one tensor), split into shards by huggingface_hub's own splitter.
+The names and fused-matrix splits are in `hf_layout.py`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import struct
 from collections.abc import Callable
@@ -23,90 +23,33 @@ from tqdm import tqdm
 from data_pipeline.tokenizers import load_tokenizer
 from launcher.checkpoints import store
 from launcher.checkpoints.contract import META_FILE
+from launcher.checkpoints.hf_layout import Lazy, export_tensors, import_state, to_hf_config
 from launcher.errors import UserError
 from model.gpt import GPTConfig
 
 TOKENIZER_FILE = "zerolaunch_tokenizer.json"
-# Our Linear weights are (out, in); GPT-2's Conv1D stores (in, out).
-CONV1D = re.compile(r"\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+"""Our tokenizer description in an exported directory (`zerolaunch sample` reads it)."""
+EXPORT_META = "zerolaunch_export.json"
+"""Where an export came from (never the checkpoint marker's name)."""
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DTYPES = {"fp32": (torch.float32, "F32", "float32"), "bf16": (torch.bfloat16, "BF16", "bfloat16")}
+"""--dtype -> (torch dtype, safetensors dtype, config.json torch_dtype)."""
 
 
-def hf_config(model: GPTConfig, eod_id: int | None) -> dict:
-    """config.json for transformers' GPT2LMHeadModel."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": model.vocab_size,
-        "n_positions": model.block_size,
-        "n_embd": model.n_embd,
-        "n_layer": model.n_layer,
-        "n_head": model.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new",  # GELU, tanh approximation
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": model.dropout,
-        "embd_pdrop": model.dropout,
-        "attn_pdrop": model.dropout,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "tie_word_embeddings": True,
-        "bos_token_id": eod_id,
-        "eos_token_id": eod_id,
-        "torch_dtype": "float32",
-    }
+# ----------------------------------------------------------------------------- writing
 
 
-def hf_tensors(model: GPTConfig, weights: dict) -> dict[str, tuple[tuple, Callable]]:
-    """HF name -> (shape, function that materialises the fp32 tensor), in a stable order.
-
-    The tied output head is stored once (as the token embedding); a model without biases gets
-    zero biases, which is the same function.
-    """
-    out: dict[str, tuple[tuple, Callable]] = {}
-    for name, value in weights.items():
-        if name == "lm_head.weight":
-            continue
-        shape = tuple(value.shape)
-        if CONV1D.search(name):
-            out[name] = (shape[::-1], lambda v=value: _materialise(v).t().contiguous())
-        else:
-            out[name] = (shape, lambda v=value: _materialise(v))
-    if not model.bias:
-        _add_zero_biases(model, out)
-    return out
-
-
-def _materialise(value) -> torch.Tensor:
-    tensor = value.contiguous() if not isinstance(value, torch.Tensor) else value
-    return tensor.detach().to(torch.float32).contiguous()
-
-
-def _add_zero_biases(model: GPTConfig, out: dict) -> None:
-    width = {
-        "ln_1": model.n_embd,
-        "ln_2": model.n_embd,
-        "attn.c_attn": 3 * model.n_embd,
-        "attn.c_proj": model.n_embd,
-        "mlp.c_fc": 4 * model.n_embd,
-        "mlp.c_proj": model.n_embd,
-    }
-    for layer in range(model.n_layer):
-        for part, n in width.items():
-            out[f"transformer.h.{layer}.{part}.bias"] = ((n,), lambda n=n: torch.zeros(n))
-    out["transformer.ln_f.bias"] = ((model.n_embd,), lambda: torch.zeros(model.n_embd))
-
-
-def write_safetensors(path: Path, tensors: dict[str, tuple[tuple, Callable]]) -> None:
+def write_safetensors(path: Path, tensors: dict[str, tuple[tuple, Lazy]], dtype: str) -> None:
     """The safetensors format written as a stream: header first (shapes known), then each
-    tensor's bytes as it is materialised."""
+    tensor's bytes as it is materialised (in `dtype`); atomically renamed into place."""
+    torch_dtype, name_in_file, _ = DTYPES[dtype]
+    width = torch.empty((), dtype=torch_dtype).element_size()
     header, offset = {}, 0
     for name, (shape, _) in tensors.items():
-        size = 4 * int(torch.Size(shape).numel())
-        header[name] = {
-            "dtype": "F32",
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
+        size = width * int(torch.Size(shape).numel())
+        header[name] = {"dtype": name_in_file, "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}  # fmt: skip
         offset += size
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -116,16 +59,36 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[tuple, Callable]]) ->
         f.write(struct.pack("<Q", len(raw)) + raw)
         bar = tqdm(tensors.items(), desc=path.name, unit="tensor", disable=None, delay=2.0)
         for name, (shape, materialise) in bar:
-            tensor = materialise()
+            tensor = materialise().to(torch_dtype).contiguous()
             if tuple(tensor.shape) != tuple(shape):
                 raise UserError(f"{name}: shape {tuple(tensor.shape)}, expected {shape}")
-            f.write(tensor.numpy().tobytes())
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
             del tensor
     tmp.replace(path)
 
 
-EXPORT_META = "zerolaunch_export.json"
-"""Where an export came from (never the checkpoint marker's name)."""
+def write_weights(
+    out: Path, tensors: dict[str, tuple[tuple, Lazy]], dtype: str, max_shard_size: int | str
+) -> list[str]:
+    """model.safetensors, or shards with model.safetensors.index.json once the weights pass
+    max_shard_size (huggingface_hub's splitter: the names and index transformers expects)."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    width = torch.empty((), dtype=DTYPES[dtype][0]).element_size()
+    split = split_state_dict_into_shards_factory(
+        tensors,
+        get_storage_size=lambda t: width * int(torch.Size(t[0]).numel()),
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    for filename, names in split.filename_to_tensors.items():
+        write_safetensors(out / filename, {n: tensors[n] for n in names}, dtype)
+    files = list(split.filename_to_tensors)
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
+        (out / INDEX).write_text(json.dumps(index, indent=2))
+        files.append(INDEX)
+    return files
 
 
 def check_output_dir(out: Path, force: bool) -> None:
@@ -148,39 +111,107 @@ def check_output_dir(out: Path, force: bool) -> None:
         )
 
 
-def export(run_dir: Path, tag: str | None, out: Path, force: bool = False) -> Path:
-    """Write the run's tag (default latest) into `out` in the Hugging Face GPT-2 layout."""
+def export(
+    run_dir: Path,
+    tag: str | None,
+    out: Path,
+    force: bool = False,
+    dtype: str = "fp32",
+    max_shard_size: int | str = "5GB",
+) -> tuple[Path, list[str]]:
+    """Write the run's tag (default latest) into `out` as a Hugging Face model directory;
+    (the tag, the files written)."""
     check_output_dir(out, force)
     tag_dir = store.resolve_tag(run_dir, tag)
     spec = store.read_run_spec(run_dir)
-    weights = store.load_weights(tag_dir, lazy=True)
-    tokenizer = json.loads((run_dir / "tokenizer.json").read_text())
+    tensors = export_tensors(spec.model, store.load_weights(tag_dir, lazy=True))
+    description = json.loads((run_dir / "tokenizer.json").read_text())
+    tokenizer = load_tokenizer(description, run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "model.safetensors", hf_tensors(spec.model, weights))
-    eod = load_tokenizer(tokenizer, run_dir).eod_id
-    (out / "config.json").write_text(json.dumps(hf_config(spec.model, eod), indent=2))
-    (out / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False))
-    if tokenizer.get("type") == "sentencepiece":
-        shutil.copyfile(run_dir / tokenizer["model"], out / tokenizer["model"])
-    source = {"run": str(run_dir), "tag": tag_dir.name, "model": asdict(spec.model)}
+    for old in [*out.glob("model*.safetensors"), out / INDEX]:  # --force: no stale shard stays
+        old.unlink(missing_ok=True)
+    files = write_weights(out, tensors, dtype, max_shard_size)
+    config = to_hf_config(spec.model, tokenizer.eod_id, DTYPES[dtype][2])
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {"bos_token_id": tokenizer.eod_id, "eos_token_id": tokenizer.eod_id}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    files += ["config.json", "generation_config.json", *_tokenizer_files(run_dir, out, spec)]
+    source = {"run": str(run_dir), "tag": tag_dir.name, "dtype": dtype,
+              "model": asdict(spec.model)}  # fmt: skip
     (out / EXPORT_META).write_text(json.dumps(source, indent=1))
-    return tag_dir
+    return tag_dir, files
 
 
-def gpt_config(config: dict) -> GPTConfig:
-    """Our model shape from a GPT-2 config.json (biases on, as GPT-2 has them)."""
-    return GPTConfig(
-        n_layer=config["n_layer"],
-        n_head=config["n_head"],
-        n_embd=config["n_embd"],
-        block_size=config["n_positions"],
-        vocab_size=config["vocab_size"],
-        bias=True,
+def _tokenizer_files(run_dir: Path, out: Path, spec) -> list[str]:
+    """Our description (for `zerolaunch sample`), the tokenizer's own files, and the files
+    `transformers.AutoTokenizer` loads."""
+    from data_pipeline.hf_tokenizer import save_for_transformers
+
+    description = json.loads((run_dir / "tokenizer.json").read_text())
+    (out / TOKENIZER_FILE).write_text(json.dumps(description, ensure_ascii=False))
+    tokenizer = load_tokenizer(description, run_dir)
+    written = [TOKENIZER_FILE]
+    for key in ("model", "file"):  # sentencepiece's .model, a Hugging Face tokenizer's file
+        name = description.get(key)
+        if isinstance(name, str) and (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, out / name)
+            written.append(name)
+    return written + save_for_transformers(tokenizer, run_dir, out, spec.model.block_size)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, from the index (sharded) or the one
+    file; a shard the index names but the directory lacks is an error naming it."""
+    directory = Path(directory)
+    index = directory / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{index} is not a safetensors index ({e})") from e
+        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if missing:
+            raise UserError(
+                f"{index} names shards that {directory} does not have: {', '.join(missing)}; "
+                "copy every shard (or download the model again)"
+            )
+        return {name: directory / f for name, f in weight_map.items()}
+    single = directory / WEIGHTS
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    other = sorted(p.name for p in directory.glob("*.bin")) + sorted(
+        p.name for p in directory.glob("*.pt*")
     )
+    hint = (
+        f" (it has {', '.join(other[:3])}: load it in transformers and save_pretrained(DIR) "
+        "with safe_serialization, the default)"
+        if other
+        else ""
+    )
+    raise UserError(f"{directory} has neither {WEIGHTS} nor {INDEX}{hint}")
 
 
-def state_dict_from_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict from GPT-2 safetensors: Conv1D weights transposed, the head tied."""
-    state = {k: v.t() if CONV1D.search(k) else v for k, v in tensors.items()}
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    return state
+def load_state(directory: Path, model: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our fp32 state dict from a Hugging Face directory's safetensors (sharded or not)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = weight_files(directory)
+    handles: dict[Path, object] = {}
+    try:
+        for path in sorted(set(files.values())):
+            handles[path] = safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{directory}: a weights file cannot be read ({e})") from e
+    tensors: dict[str, Callable] = {
+        name: (lambda n=name, p=path: handles[p].get_tensor(n)) for name, path in files.items()
+    }
+    try:
+        return import_state(model, tensors)
+    except SafetensorError as e:
+        raise UserError(f"{directory}: a tensor cannot be read ({e})") from e

@@ -223,9 +223,14 @@ def shape_differences(spec: GPTConfig, hf: dict[str, Any], given: set[str]) -> l
     for key in sorted(given & set(SHAPE_FIELDS)):
         read = effective.get(key, lambda c, k=key: getattr(c, k))
         if read(spec) != read(merged):
-            out.append(f"model.{key}: the spec says {getattr(spec, key)!r}, the checkpoint "
-                       f"{hf[key]!r}")  # fmt: skip
+            out.append(f"model.{key}: the spec says {_show(getattr(spec, key))}, the checkpoint "
+                       f"{_show(hf[key])}")  # fmt: skip
     return out
+
+
+def _show(value: Any) -> str:
+    """A value as YAML spells it (true, null, 'rope')."""
+    return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
 
 
 # ------------------------------------------------------------------------------ tensors

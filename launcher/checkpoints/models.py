@@ -10,8 +10,9 @@ import torch
 
 from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 from launcher.checkpoints import hf, store
+from launcher.checkpoints.hf_layout import read_config
 from launcher.errors import UserError
-from model.gpt import GPT
+from model.gpt import GPT, GPTConfig
 
 
 def load_run_model(run_dir: Path, tag: str | None, device: torch.device) -> tuple[GPT, Path]:
@@ -23,17 +24,16 @@ def load_run_model(run_dir: Path, tag: str | None, device: torch.device) -> tupl
 
 
 def load_exported_model(export_dir: Path, device: torch.device) -> GPT:
-    """A model written by `zerolaunch export` (the Hugging Face GPT-2 layout)."""
-    from safetensors.torch import load_file
-
-    config = json.loads((export_dir / "config.json").read_text())
-    model = GPT(hf.gpt_config(config))
-    model.load_state_dict(hf.state_dict_from_hf(load_file(export_dir / "model.safetensors")))
+    """A Hugging Face model directory (GPT-2 or Llama layout), e.g. one `zerolaunch export`
+    wrote."""
+    model = GPT(GPTConfig(**read_config(export_dir)))
+    model.load_state_dict(hf.load_state(export_dir, model.config))
     return model.to(device)
 
 
 def is_export(path: Path) -> bool:
-    return (path / "model.safetensors").exists() and (path / hf.TOKENIZER_FILE).exists()
+    weights = (path / hf.WEIGHTS).exists() or (path / hf.INDEX).exists()
+    return weights and (path / hf.TOKENIZER_FILE).exists()
 
 
 def load_model_and_tokenizer(

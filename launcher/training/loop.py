@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launcher.checkpoints import store
+from launcher.checkpoints import hf, store
 from launcher.checkpoints.contract import CheckpointMeta
 from launcher.config.load import spec_to_dict
 from launcher.errors import EXIT_DIVERGED, EXIT_REQUEUE, EXIT_USER_ERROR
@@ -103,11 +103,14 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
 
 
 def _model(plan: RunPlan) -> GPT:
-    """The GPT, initialised from a tag's weights for checkpoint.init_from (every rank reads
-    them consolidated, from any ZeRO stage; DeepSpeed partitions them as usual)."""
+    """The GPT, initialised from a tag's weights for checkpoint.init_from, or a Hugging Face
+    model's for model.init_from (every rank reads them whole, in fp32; DeepSpeed partitions them
+    as usual)."""
     model = GPT(plan.spec.model)
     if plan.init_from is not None and plan.resume is None:
         model.load_state_dict(store.load_weights(plan.init_from))
+    if plan.init_hf is not None and plan.resume is None:
+        model.load_state_dict(hf.load_state(plan.init_hf, plan.spec.model))
     return model
 
 

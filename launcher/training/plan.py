@@ -7,6 +7,7 @@ writes the run's first files once the plan is known to be good.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from dataclasses import dataclass, field, replace
@@ -24,6 +25,7 @@ from data_pipeline.loader import (
 from data_pipeline.tokenizers import Tokenizer, describe_identity, identity, same_identity
 from launcher.checkpoints import store
 from launcher.checkpoints.contract import CheckpointMeta
+from launcher.checkpoints.hf import weight_files
 from launcher.checkpoints.universal import needs_universal
 from launcher.config.ds_config import EngineSettings, load_ds_config, resolve_engine
 from launcher.config.load import load_spec
@@ -89,13 +91,15 @@ class RunPlan:
     """cuda or cpu: what the run trains on."""
     init_from: Path | None = None
     """A tag whose weights a fresh run starts from (checkpoint.init_from)."""
+    init_hf: Path | None = None
+    """A Hugging Face model directory a fresh run starts from (model.init_from)."""
 
     def summary(self) -> str:
         m, e = self.spec.model, self.engine
         lines = [
             f"run {self.spec.name} -> {self.spec.run_dir}",
-            f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
-            f"vocab {m.vocab_size} (tokenizer {self.data.vocab_size})",
+            f"model: {m.n_layer} layers, {m.n_head} heads{self._family()}, {m.n_embd} wide, "
+            f"block {m.block_size}, vocab {m.vocab_size} (tokenizer {self.data.vocab_size})",
             self.data.describe(),
             f"engine: ZeRO stage {e.zero_stage}, {self.env.world_size} rank(s) on "
             f"{self.device} ({self._ranks_line()}), {e.precision}, "
@@ -105,6 +109,15 @@ class RunPlan:
             f"resume: {self._resume_line()}",
         ]
         return "\n".join(lines)
+
+    def _family(self) -> str:
+        """The block's choices where they are not GPT-2's."""
+        m = self.spec.model
+        parts = [f"{m.kv_heads} kv"] if m.kv_heads != m.n_head else []
+        parts += [v for v, gpt2 in ((m.positions, "learned"), (m.norm, "layernorm"),
+                                    (m.mlp, "gelu")) if v != gpt2]  # fmt: skip
+        parts += [] if m.tie_embeddings else ["untied"]
+        return f" ({', '.join(parts)})" if parts else ""
 
     def _ranks_line(self) -> str:
         env = self.env
@@ -125,6 +138,8 @@ class RunPlan:
     def _resume_line(self) -> str:
         if self.resume is None and self.init_from is not None:
             return f"fresh start from the weights of {self.init_from} (checkpoint.init_from)"
+        if self.resume is None and self.init_hf is not None:
+            return f"fresh start from the Hugging Face model {self.init_hf} (model.init_from)"
         if self.resume is None:
             return "fresh start"
         if not self.resume.universal:
@@ -140,6 +155,12 @@ def _resolve_model(spec: RunSpec, data: DataPlan) -> RunSpec:
     vocab = spec.model.vocab_size
     if vocab is None:
         vocab = padded_vocab(data.vocab_size)
+    elif vocab < data.vocab_size and spec.model.init_from:
+        raise UserError(
+            f"model.init_from={spec.model.init_from} has {vocab} embedding rows, but the "
+            f"tokenizer of {data.sources[0].prefix} has {data.vocab_size} ids: prepare the data "
+            f"with the checkpoint's tokenizer (prepare --tokenizer hf:{spec.model.init_from})"
+        )
     elif vocab < data.vocab_size:
         raise UserError(
             f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
@@ -231,7 +252,7 @@ def prepare_run(
     if data is not None:
         spec = _attempt(problems, lambda: _resolve_model(spec, data)) or spec
         _attempt(problems, lambda: _check_prompt(spec, data.tokenizer))
-    resume, init = None, None
+    resume, init, init_hf = None, None, None
     if engine is not None and spec.model.vocab_size is not None:
         found = _attempt(problems, lambda: _resume(spec, env, engine, damaged or {}))
         if found is not None:
@@ -241,13 +262,15 @@ def prepare_run(
         _attempt(problems, lambda: _check_tokenizer(spec, resume, data))
         if resume is None and spec.checkpoint.init_from:
             init = _attempt(problems, lambda: _init_from(spec, data, warnings))
+        if resume is None and spec.model.init_from:
+            init_hf = _attempt(problems, lambda: _init_hf(spec, data, warnings))
     if problems:
         raise combined(problems)
     if resume is not None and resume.universal:
         engine = engine.loading_universal()
     run_id = resume.meta.run_id if resume else secrets.token_hex(6)
     memory = estimate(spec.model, engine)
-    return RunPlan(spec, engine, env, data, resume, warnings, run_id, memory, device, init)
+    return RunPlan(spec, engine, env, data, resume, warnings, run_id, memory, device, init, init_hf)
 
 
 def _resume(
@@ -340,6 +363,33 @@ def _init_from(spec: RunSpec, data: DataPlan, warnings: list[str]) -> Path:
             "from rows that meant other tokens"
         )
     return tag
+
+
+def _init_hf(spec: RunSpec, data: DataPlan, warnings: list[str]) -> Path:
+    """The Hugging Face directory a fresh run starts from: every shard present (its shape was
+    merged into the spec when it was loaded); a warning when the data's tokenizer is not the
+    one its embeddings were trained for."""
+    directory = Path(spec.model.init_from)
+    if spec.checkpoint.init_from:
+        raise UserError(
+            f"model.init_from={directory} and checkpoint.init_from={spec.checkpoint.init_from} "
+            "both give the first weights; keep one"
+        )
+    weight_files(directory)
+    theirs = directory / "tokenizer.json"
+    if theirs.is_file() and not _same_file(data.tokenizer_identity, theirs):
+        warnings.append(
+            f"model.init_from: {directory} comes with its own tokenizer.json, but the data is "
+            f"tokenized with {describe_identity(data.tokenizer_identity)}: its embeddings start "
+            f"from rows that meant other tokens (prepare --tokenizer hf:{directory} to match)"
+        )
+    return directory
+
+
+def _same_file(tokenizer: dict, path: Path) -> bool:
+    """Whether a tokenizer identity is that of the Hugging Face tokenizer file `path`."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return tokenizer.get("type") == "hf" and tokenizer.get("sha256") == digest
 
 
 def write_run_files(plan: RunPlan) -> None:
