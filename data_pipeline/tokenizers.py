@@ -244,10 +244,14 @@ class HFTokenizer:
         return cls(file, config=config, name=directory.resolve().name)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
+        try:
+            encoded = self.tok.encode_batch_fast(texts, add_special_tokens=False)
+        except Exception as e:  # a model without an unknown token meeting text outside it
+            raise TokenizerError(f"{self.name}: the tokenizer cannot encode the text: {e}") from e
+        return [e.ids for e in encoded]
 
     def decode(self, ids: list[int]) -> str:
         kept = [i for i in ids if i < self.vocab_size and i != self.eod_id]

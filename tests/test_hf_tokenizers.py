@@ -140,6 +140,13 @@ def test_hf_tokenizers_differ_by_file_and_read_special_strings_as_text(
     assert not same_identity(identity(other), identity(tokenizer))  # a resume would be refused
     with pytest.raises(TokenizerError, match="would overwrite"):  # a run dir's description
         copy_tokenizer_files(tokenizer, tmp_path)
+    # A character-level tokenizer.json (as we export one) meeting an unknown character.
+    chars = tmp_path / "chars"
+    save_for_transformers(CharTokenizer(["a", "b"]), tmp_path, chars, model_max_length=8)
+    char_level = HFTokenizer.from_path(chars)
+    assert char_level.encode("ab") == [0, 1] and char_level.eod_id == 2
+    with pytest.raises(TokenizerError, match="chars: the tokenizer cannot encode the text"):
+        char_level.encode("abc")
     # A special token's string inside a document is text, as with every other tokenizer.
     assert tokenizer.eod_id not in tokenizer.encode("one</s>two")
     assert tokenizer.decode(tokenizer.encode("one</s>two")) == "one</s>two"
