@@ -20,7 +20,7 @@ from launcher.errors import UserError, run_cli
 from launcher.runtime.distributed import DistEnv, device_type
 from launcher.training.memory import GIB, deepspeed_estimate, estimate
 from launcher.training.plan import RunPlan, prepare_run
-from model.gpt import count_params, flops_per_token
+from model.gpt import GPTConfig, count_params, flops_per_token
 
 
 def parse_memory(text: str) -> float:
@@ -76,12 +76,26 @@ def cross_check(plan: RunPlan) -> str:
     )
 
 
+def shape_line(m: GPTConfig) -> str:
+    """The block's choices, with what each one's size is (what the memory estimate reads)."""
+    heads = f"{m.n_head} heads of {m.head_dim}"
+    if m.kv_heads != m.n_head:
+        heads += f", {m.kv_heads} key/value heads"
+    positions = f"rope (theta {m.rope_theta:g})" if m.positions == "rope" else "learned positions"
+    return (
+        f"blocks: {heads} | {positions} | {m.norm} (eps {m.norm_eps:g}) | {m.mlp} MLP "
+        f"{m.ffn_size} wide | {'tied' if m.tie_embeddings else 'untied'} embeddings | "
+        f"{'biases' if m.bias else 'no biases'}"
+    )
+
+
 def report(plan: RunPlan, device_memory: float | None) -> str:
     m, engine = plan.spec.model, plan.engine
     tokens = engine.train_batch_size * m.block_size
     flops = flops_per_token(m) * tokens
     lines = [
         plan.summary(),
+        shape_line(m),
         f"parameters: {count_params(m):,} | tokens/step: {tokens:,} | FLOPs/step: {flops:.3e} | "
         f"precision: {engine.precision} | activation checkpointing: {m.activation_checkpointing}",
         *stage_table(plan, device_memory),

@@ -9,9 +9,10 @@ to CPU memory (to NVMe: off both). Training in 16 bits, DeepSpeed's ZeRO optimiz
 an fp32 copy of the rank's gradient partition for the optimizer step (stage 3: one sub-group at
 a time), so a 16-bit ZeRO-2 rank holds 2 Psi + 18 Psi / W bytes of model states: the figure of
 DeepSpeed's own `estimate_zero2_model_states_mem_needs`, printed beside ours by
-`zerolaunch check`. Activations follow Korthikanti et al. (2022): 34 s b h bytes per layer in
-16 bits (attention scores are not kept: SDPA's fused kernels), only the layer inputs with full
-checkpointing plus one layer being recomputed.
+`zerolaunch check`. Activations follow Korthikanti et al. (2022), generalised to the Llama
+options (`activation_bytes`): 34 s b h bytes per GPT-2 layer in 16 bits (attention scores are
+not kept: SDPA's fused kernels), only the layer inputs with full checkpointing plus one layer
+being recomputed.
 """
 
 from __future__ import annotations
@@ -52,14 +53,56 @@ class Estimate:
         return self.params + self.grads + self.step_grads + self.optimizer
 
 
+def layer_activation_bytes(config: GPTConfig, tokens: int, dtype_bytes: int) -> float:
+    """Bytes one block keeps for backward over `tokens` = s * b positions (see activation_bytes).
+
+    Korthikanti et al.'s 34 s b h (16 bits, scores not kept) is attention 11 + MLP 19 + norms 4,
+    each term a tensor autograd saves; here every width is the model's own (coefficients below
+    per token in 16 bits). p = dtype_bytes, h = n_embd, kv = kv_heads * head_dim (the width of
+    k and of v under grouped-query attention), f = ffn_size:
+
+    - attention 7 h + 4 kv (GPT-2: 11 h; rope: 9 h + 6 kv): the norm's output feeding the qkv
+      matmul (p h); q, k and v, views of that matmul's output (p (h + 2 kv)); the attention
+      output feeding the projection (p h); the residual dropout mask (p/2 h: one byte in 16
+      bits). With rope the rotated q and k are new tensors (p (h + kv) more), and the unrotated
+      ones stay alive inside the fused output that v is a view of; the rotation itself keeps
+      only the shared cos/sin tables (s x head_dim), as learned positions keep only indices.
+    - MLP 3 h + 4 f (GPT-2, f = 4 h: 19 h; swiglu 3 h + 8 f): the norm's output (p h), the
+      dropout mask (p/2 h), and for gelu its input and output (2 p f); for swiglu the fused
+      gate|up output (2 p f), silu(gate) and silu(gate) * up (2 p f): four f-wide tensors.
+    - two norms: LayerNorm keeps its input (p h each: 4 h); RMSNorm runs in fp32 and keeps its
+      input in fp32 (a copy in 16-bit training) and its normalised output before the weight
+      (4 h + p h each: 12 h).
+
+    Left out, as the paper leaves them: per-token statistics (norm means, the attention's
+    log-sum-exp: 4 s b heads bytes) and the rope tables, about 1% of a block at n_embd 128 and
+    less when wider (tests/test_memory.py measures it). The dropout masks are counted even at
+    dropout 0, where nothing keeps them (p s b h per block: a slight overestimate there).
+    """
+    p, h = dtype_bytes, config.n_embd
+    kv = config.kv_heads * config.head_dim
+    attention = p * h + p * (h + 2 * kv) + p * h + p / 2 * h
+    if config.positions == "rope":
+        attention += p * (h + kv)
+    gated = config.mlp == "swiglu"
+    mlp = p * h + p / 2 * h + (4 if gated else 2) * p * config.ffn_size
+    norm = 4 * h + p * h if config.norm == "rmsnorm" else p * h
+    return tokens * (attention + mlp + 2 * norm)
+
+
 def activation_bytes(config: GPTConfig, micro_batch: int, dtype_bytes: int) -> tuple[float, float]:
-    """(without checkpointing, with full checkpointing) activation bytes for one micro-batch."""
-    s, b, h, layers = config.block_size, micro_batch, config.n_embd, config.n_layer
-    scale = dtype_bytes / 2
-    per_layer = 34 * s * b * h * scale
-    logits = s * b * config.vocab_size * 4 * 2  # fp32 logits and their softmax for the loss
+    """(without checkpointing, with full checkpointing) activation bytes for one micro-batch.
+
+    Every block keeps layer_activation_bytes (34 s b h in 16 bits for GPT-2's shape, 68 in
+    fp32); with full checkpointing only each block's input (p s b h) stays, plus one block
+    being recomputed. The loss adds fp32 logits and their log-softmax (8 s b vocab), tied or
+    untied head alike; position embeddings are parameters, not activations.
+    """
+    tokens, layers = config.block_size * micro_batch, config.n_layer
+    per_layer = layer_activation_bytes(config, tokens, dtype_bytes)
+    logits = tokens * config.vocab_size * 4 * 2  # fp32 logits and their softmax for the loss
     full = layers * per_layer + logits
-    checkpointed = layers * s * b * h * dtype_bytes + per_layer + logits
+    checkpointed = layers * tokens * config.n_embd * dtype_bytes + per_layer + logits
     return full, checkpointed
 
 
