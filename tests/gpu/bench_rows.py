@@ -37,6 +37,11 @@ GPT2 = {
            f"train.micro_batch_size={b}"]
     for name, (n, h, w, b) in SHAPES.items()
 }  # fmt: skip
+# The Llama family on GPT-2's sizes: rotary, RMSNorm, SwiGLU, 3 query heads per kv head, untied.
+LLAMA = ["model.positions=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false",
+         "model.tie_embeddings=false"]  # fmt: skip
+GPT2["llama-124m"] = [*GPT2["124m"], *LLAMA, "model.n_kv_head=4"]
+GPT2["tiny-llama"] = [*GPT2["tiny"], *LLAMA, "model.n_kv_head=1"]
 COMMON = ["model.block_size=1024", "model.vocab_size=50304", "model.dropout=0.0"]
 if DRY:
     COMMON = ["model.block_size=64", "model.vocab_size=128", "model.dropout=0.0"]
@@ -50,6 +55,7 @@ ROWS = [
     ("gpt2-124m_zero1_bf16_compile", "124m", "zero1.json", ["train.compile=true"], True, 8, 20,
      0),
     ("gpt2-350m_zero1_bf16", "350m", "zero1.json", [], True, 5, 15, 0),
+    ("llama-124m_zero1_bf16", "llama-124m", "zero1.json", [], False, 5, 15, 0),
     ("1.3b_zero3_ac_bf16", "1.3b", "zero3.json", ["model.activation_checkpointing=full"],
      False, 4, 12, 0),
     ("gpt2-124m_zero1_bf16_saves", "124m", "zero1.json", [], False, 3, 5, 30),
@@ -68,7 +74,7 @@ def command(
 def run_row(
     name: str, model: str, ds: str, extra, reference: bool, warmup: int, steps: int, saves: int
 ):
-    items = [*GPT2["tiny" if DRY else model], *COMMON, *extra]
+    items = [*GPT2[_dry(model) if DRY else model], *COMMON, *extra]
     spec = load_spec(None, items)
     env = detect_env()
     ds_path = REPO / "ds_configs" / ds
@@ -85,6 +91,10 @@ def run_row(
     result["wall_s"] = time.perf_counter() - started
     result["command"] = command(model, ds, extra, reference, warmup, steps, saves)
     return result
+
+
+def _dry(model: str) -> str:
+    return "tiny-llama" if model.startswith("llama") else "tiny"
 
 
 def profile_step(out: Path) -> None:

@@ -138,12 +138,15 @@ def test_16bit_training_at_every_zero_stage_agrees_with_fp32(device, corpus, tmp
 
 
 @pytest.mark.skipif(DRY, reason="flash attention is a GPU kernel")
-def test_attention_runs_the_flash_or_memory_efficient_kernel(device):
+@pytest.mark.parametrize("kv_heads", [12, 4], ids=["gpt2", "llama_gqa"])
+def test_attention_runs_the_flash_or_memory_efficient_kernel(device, kv_heads):
     from torch.profiler import ProfilerActivity, profile
 
     from model.gpt import GPT, GPTConfig
 
-    config = GPTConfig(n_layer=2, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
+    family = {} if kv_heads == 12 else {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+    config = GPTConfig(n_layer=2, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
+                       n_kv_head=kv_heads, **family)  # fmt: skip
     model = GPT(config).to(device, torch.bfloat16)
     x = torch.randint(0, 50304, (4, 1024), device=device)
     _, loss = model(x, x)  # warm-up
@@ -155,7 +158,8 @@ def test_attention_runs_the_flash_or_memory_efficient_kernel(device):
     kernels = sorted({e.key for e in prof.key_averages()})
     fused = [k for k in kernels if any(s in k.lower() for s in ("flash", "fmha", "efficient"))]
     math = [k for k in kernels if "softmax" in k.lower() and "attention" not in k.lower()]
-    record("attention_kernels", {"fused": fused, "softmax_kernels": math, "all": kernels})
+    record(f"attention_kernels_{kv_heads}kv", {"fused": fused, "softmax_kernels": math,
+                                               "all": kernels})  # fmt: skip
     assert fused, kernels  # SDPA picked a fused kernel: flash or memory-efficient
     assert any("flash" in k.lower() for k in fused), fused  # and for bf16 on Hopper: flash
 
