@@ -8,7 +8,13 @@ from pathlib import Path
 
 from data_pipeline.gpt_dataset import BlendedSamples, DocumentRange, GPTSamples, carve
 from data_pipeline.indexed import IndexedDataset, IndexedDatasetError
-from data_pipeline.tokenizers import Tokenizer, load_tokenizer
+from data_pipeline.tokenizers import (
+    Tokenizer,
+    describe_identity,
+    identity,
+    load_tokenizer,
+    same_identity,
+)
 
 PREPARE_HINT = (
     "python -m data_pipeline.prepare --source shakespeare --tokenizer char --out {prefix}"
@@ -106,21 +112,27 @@ def _read_meta(meta_file: Path, prefix: Path) -> dict:
 
 
 def run_tokenizer(sources: list[Source]) -> Tokenizer:
-    """The one tokenizer every source was prepared with."""
-    first = sources[0]
-    for other in sources[1:]:
-        if other.meta["tokenizer"] != first.meta["tokenizer"]:
+    """The one tokenizer every source was prepared with: the same identity (kind, vocabulary
+    or model file hash, size, EOD), wherever each dataset keeps its copy of the files."""
+    tokenizers = [_source_tokenizer(source) for source in sources]
+    first, mine = sources[0], identity(tokenizers[0])
+    for other, tokenizer in zip(sources[1:], tokenizers[1:]):
+        if not same_identity(identity(tokenizer), mine):
             raise DataError(
-                f"{other.prefix} was tokenized with {other.meta['tokenizer'].get('type')} "
-                f"({other.meta['tokenizer'].get('name', '')}) but {first.prefix} with "
-                f"{first.meta['tokenizer'].get('type')}; blended datasets need one tokenizer"
+                f"{other.prefix} was tokenized with {describe_identity(identity(tokenizer))} but "
+                f"{first.prefix} with {describe_identity(mine)}; blended datasets need one "
+                "tokenizer"
             )
+    return tokenizers[0]
+
+
+def _source_tokenizer(source: Source) -> Tokenizer:
     try:
-        return load_tokenizer(first.meta["tokenizer"], first.prefix.parent)
+        return load_tokenizer(source.meta["tokenizer"], source.prefix.parent)
     except (ValueError, KeyError, TypeError, OSError) as e:  # TokenizerError is a ValueError
         raise DataError(
-            f"{first.prefix}.json: its tokenizer cannot be loaded ({type(e).__name__}: {e}); "
-            f"prepare {first.prefix} again"
+            f"{source.prefix}.json: its tokenizer cannot be loaded ({type(e).__name__}: {e}); "
+            f"prepare {source.prefix} again"
         ) from e
 
 

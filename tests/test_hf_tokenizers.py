@@ -276,3 +276,22 @@ def test_gpt2_shaped_tiktoken_converts_exactly(tmp_path: Path) -> None:
         ids = enc.encode_ordinary(text)
         assert theirs.encode(text) == ids and theirs.decode(ids) == text
     assert theirs.eos_token_id == 50256 and len(theirs) == 50257
+
+
+def test_datasets_of_one_hf_tokenizer_blend_and_of_another_are_refused(
+    corpus: Path, hf_dir: Path, tmp_path: Path
+) -> None:
+    """Each dataset keeps its own copy of the tokenizer file (PREFIX.hf-*.tokenizer.json): a
+    blend compares what the files are, not what they are called."""
+    from data_pipeline.loader import DataError, open_source, run_tokenizer
+
+    other = train_hf_tokenizer(tmp_path / "other", 500, eos="</s>")
+    made = {}
+    for name, source, doc in (("a", hf_dir, 0), ("b", hf_dir, 1), ("c", other, 2)):
+        made[name] = tmp_path / "data" / name
+        text = str(corpus / f"doc{doc}.txt")
+        prepare("--input", text, "--tokenizer", f"hf:{source}", "--out", str(made[name]))
+    same = run_tokenizer([open_source(made["a"]), open_source(made["b"])])
+    assert same.vocab_size == HFTokenizer.from_path(hf_dir).vocab_size
+    with pytest.raises(DataError, match="blended datasets need one tokenizer"):
+        run_tokenizer([open_source(made["a"]), open_source(made["c"])])
