@@ -363,7 +363,9 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             if self.training and torch.is_grad_enabled() and self.config.checkpointed(layer):
-                x = self.checkpoint_fn(block, x, *rope)
+                # Each block gets its own copy of the rotary tables: DeepSpeed's partitioned and
+                # CPU checkpointing empty the tensors passed in until that block's backward.
+                x = self.checkpoint_fn(block, x, *(t.clone() for t in rope))
             else:
                 x = block(x, *rope, cache=cache) if rope else block(x, cache=cache)
         if cache is not None:

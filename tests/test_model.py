@@ -377,3 +377,53 @@ def test_cached_generation_runs_only_the_new_token() -> None:
     widths.clear()
     model.generate(torch.zeros((1, 5), dtype=torch.long), 3, temperature=0, use_cache=False)
     assert widths == [5, 6, 7]
+
+
+DEEPSPEED_CHECKPOINTING = """
+import sys, torch, deepspeed
+from launcher.runtime.distributed import init_process_group
+from model.gpt import GPT, GPTConfig
+init_process_group()
+deepspeed.checkpointing.configure(None, partition_activations=True)
+shape = dict(n_layer=3, n_head=4, n_kv_head=2, n_embd=32, block_size=16, vocab_size=50,
+             positions="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False, bias=False)
+torch.manual_seed(0)
+plain = GPT(GPTConfig(**shape))
+checkpointed = GPT(GPTConfig(**shape, activation_checkpointing="full"))
+checkpointed.load_state_dict(plain.state_dict())
+checkpointed.checkpoint_fn = deepspeed.checkpointing.checkpoint
+idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+losses = []
+for model in (plain, checkpointed):
+    _, loss = model(idx, idx)
+    loss.backward()
+    losses.append(loss.item())
+assert losses[0] == losses[1], losses
+for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+print("same", losses)
+"""
+
+
+def test_deepspeed_partitioned_checkpointing_with_rotary_positions() -> None:
+    """DeepSpeed's partitioned activation checkpointing (zero3_offload.json) empties the tensors
+    a block is given until its backward: every block needs rotary tables of its own (shared
+    ones crashed the backward, after later blocks' forwards had run on emptied tables)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env |= {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_CHECKPOINTING],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "same" in result.stdout, result.stderr[-3000:]
