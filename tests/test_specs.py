@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, ZEROLAUNCH, overrides
 
 from launcher.config.load import load_spec
+from launcher.errors import UserError
 from model.gpt import count_params
 
 SPECS = REPO / "launcher" / "specs"
@@ -38,6 +39,12 @@ def test_spec_loads_with_the_published_parameter_count(name: str) -> None:
     vocab, published = PUBLISHED[name]
     spec = load_spec(SPECS / f"{name}.yaml", [f"model.vocab_size={vocab}"])
     assert count_params(spec.model) == published
+    assert load_spec(Path(name), [f"model.vocab_size={vocab}"]) == spec  # --spec NAME finds it
+
+
+def test_an_unknown_spec_name_lists_the_shipped_ones() -> None:
+    with pytest.raises(UserError, match="does not exist.*shipped spec's name.*gpt2_124m"):
+        load_spec(Path("gpt2_125m"))
 
 
 # The published models' config.json shape values (Hugging Face: gpt2, gpt2-medium, gpt2-large,

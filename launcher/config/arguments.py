@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from launcher.config.paths import DEFAULT_SPEC, display_path, find_config
+from launcher.config.paths import DEFAULT_SPEC, display_path, find_config, find_spec
 from launcher.errors import UserError
 
 
@@ -17,7 +17,8 @@ def add_spec_arguments(p: argparse.ArgumentParser, default_ds_config: Path) -> N
         "--spec",
         type=Path,
         default=None,
-        help=f"run spec YAML (default {display_path(DEFAULT_SPEC)})",
+        help=f"run spec YAML, or a shipped spec's name such as gpt2_124m "
+        f"(default {display_path(DEFAULT_SPEC)})",
     )
     p.add_argument(
         "--ds_config",
@@ -66,5 +67,5 @@ def config_paths(args: argparse.Namespace) -> tuple[Path | None, Path]:
             )
         ds_config = Path(args.deepspeed)
     ds_config = find_config(ds_config) if ds_config is not None else args.default_ds_config
-    spec = find_config(args.spec) if args.spec is not None else None
+    spec = find_spec(args.spec) if args.spec is not None else None
     return spec, ds_config

@@ -17,7 +17,13 @@ from typing import Any
 import yaml
 
 from launcher.checkpoints.hf_layout import SHAPE_FIELDS, read_config, shape_differences
-from launcher.config.paths import DEFAULT_SPEC, display_path, file_problem, find_config
+from launcher.config.paths import (
+    DEFAULT_SPEC,
+    display_path,
+    file_problem,
+    find_spec,
+    shipped_specs,
+)
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 from model.gpt import shape_problems
@@ -245,7 +251,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def read_yaml(path: Path) -> dict:
     problem = file_problem(path)
     if problem:
-        raise UserError(f"run spec {path} {problem}; pass --spec PATH to a YAML file")
+        raise UserError(
+            f"run spec {path} {problem}; pass --spec PATH to a YAML file, or a shipped spec's "
+            f"name ({', '.join(shipped_specs())})"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -261,7 +270,7 @@ def read_yaml(path: Path) -> dict:
 
 def load_spec(path: Path | None = None, overrides: list[str] | None = None) -> RunSpec:
     """Load, override and validate a run spec; raises SpecError listing every problem."""
-    path = find_config(Path(path)) if path is not None else DEFAULT_SPEC
+    path = find_spec(Path(path)) if path is not None else DEFAULT_SPEC
     raw = apply_overrides(read_yaml(path), overrides or [])
     source = display_path(path) + (" with --set overrides" if overrides else "")
     problems: list[str] = []

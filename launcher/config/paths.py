@@ -11,7 +11,8 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 """The checkout: the folder holding launcher/, model/, data_pipeline/ and ds_configs/."""
-DEFAULT_SPEC = PROJECT_ROOT / "launcher" / "specs" / "shakespeare_char.yaml"
+SPECS = PROJECT_ROOT / "launcher" / "specs"
+DEFAULT_SPEC = SPECS / "shakespeare_char.yaml"
 DS_CONFIGS = PROJECT_ROOT / "ds_configs"
 if not DS_CONFIGS.is_dir():  # installed without the checkout: the working directory's
     DS_CONFIGS = Path("ds_configs")
@@ -48,3 +49,17 @@ def find_config(path: Path) -> Path:
         return path
     shipped = PROJECT_ROOT / path
     return shipped if shipped.exists() else path
+
+
+def find_spec(path: Path) -> Path:
+    """A run spec as find_config finds it, or a shipped spec by its name (`--spec gpt2_124m`)."""
+    found = find_config(path)
+    named = SPECS / f"{path}.yaml"
+    if not found.exists() and len(Path(path).parts) == 1 and named.is_file():
+        return named
+    return found
+
+
+def shipped_specs() -> list[str]:
+    """The names of the specs in launcher/specs/."""
+    return sorted(p.stem for p in SPECS.glob("*.yaml"))
