@@ -1,4 +1,5 @@
-"""Every shipped ZeRO stage and offload gives the ZeRO-0 loss curve; checkpointing is free."""
+"""Every shipped ZeRO stage and offload gives the ZeRO-0 loss curve and the same end-of-run sample
+(the KV cache under every stage); checkpointing is free."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ from conftest import DEEPSPEED, TINY, overrides, read_metrics, run
 pytestmark = pytest.mark.integration
 
 STEPS = 10
+PROMPT = "What is an LLM?"  # the spec's default sample.prompt
+NEW_TOKENS = 60
 SAME = [
     *TINY,
     "model.dropout=0.0",
     "train.log_interval=1",
     "eval.interval=0",
     "checkpoint.interval=0",
-    "sample.max_new_tokens=0",
+    # Past block_size (64): the cache fills, then the window slides. About a second per run.
+    f"sample.max_new_tokens={NEW_TOKENS}",
     f"train.max_steps={STEPS}",
     "monitor.wandb.mode=disabled",
 ]
@@ -48,7 +52,9 @@ def stage_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
             "--ds_config",
             f"ds_configs/{name}.json",
         ]
-        run([*cmd, *overrides(*SAME, *extra, f"data.train={tiny_data}", f"out_dir={root / name}")])
+        items = overrides(*SAME, *extra, f"data.train={tiny_data}", f"out_dir={root / name}")
+        result = run([*cmd, *items])
+        (root / name / "stdout.txt").write_text(result.stdout)
     return root
 
 
@@ -74,6 +80,22 @@ def test_mfu_counts_the_whole_model_under_zero3(curves: dict) -> None:
     assert median("zero3") > 0.2 * median("zero0")
     assert "Loss/hfu" in curves["zero3_offload"][-1] and "Loss/hfu" not in curves["zero0"][-1]
     assert curves["zero3_offload"][-1]["Loss/hfu"] > curves["zero3_offload"][-1]["Loss/mfu"]
+
+
+def test_every_stage_samples_the_same_text(stage_runs: Path) -> None:
+    """Every rank generates the end-of-run sample in lockstep with the KV cache (under ZeRO-3
+    each forward gathers the layers' shards from both ranks): the same weights give the same
+    text, whatever the stage, offload and activation checkpointing."""
+    texts = {}
+    for run_dir in stage_runs.iterdir():
+        stdout = (run_dir / "stdout.txt").read_text()
+        assert stdout.count("--- sample ---") == 1, stdout  # printed once, by rank 0
+        texts[run_dir.name] = stdout.split("--- sample ---\n")[1].split("\n--------------")[0]
+    reference = texts["zero0"]
+    # One character per token, but the end-of-document token, which decodes to nothing.
+    assert reference.startswith(PROMPT) and len(reference) > len(PROMPT) + NEW_TOKENS - 5
+    assert len(reference) <= len(PROMPT) + NEW_TOKENS
+    assert all(text == reference for text in texts.values()), texts
 
 
 @pytest.fixture(scope="module")
