@@ -9,7 +9,7 @@ PY         := $(VENV)/bin/python
 NPROC      ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)")
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install data demo test bench bench-data gpu-check lint format clean
+.PHONY: install data demo test bench bench-sampling bench-data gpu-check lint format clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,12 @@ bench: install
 		--steps 30 --out $(BENCH_OUT)/cpu_2rank_zero2.json
 	$(VENV)/bin/zerolaunch bench --ds_config ds_configs/zero1.json $(SAVE_MODEL) --steps 3 \
 		--warmup 1 --saves $(BENCH_OUT) --save-steps 4 --out $(BENCH_OUT)/cpu_saves_zero1.json
+
+# Generation speed without and with the KV cache (docs/benchmarks.md, "Sampling"): 300 tokens
+# from random-weight GPT-2 124M and Llama-style 124M models, one process; about 4 minutes on 2 cores.
+bench-sampling: install
+	$(VENV)/bin/zerolaunch bench --sampling gpt2-124m --out $(BENCH_OUT)/cpu_sampling_gpt2.json
+	$(VENV)/bin/zerolaunch bench --sampling llama-124m --out $(BENCH_OUT)/cpu_sampling_llama.json
 
 # On a GPU machine (it has its own CUDA torch; nothing is installed into .venv): the prepared
 # check of tests/gpu/check.sh, every figure as JSON in $(GPU_OUT). Prepare the corpus first.

@@ -12,6 +12,13 @@ the same clip, accumulation and precision, no DeepSpeed) in the same process, so
 overhead is measured on the same machine at the same moment: the two alternate step by step,
 and `vs_reference` is the median over pairs of (reference step time / engine step time).
 Peak memory is the process's (both models when --reference). Prints one JSON object.
+
+`--sampling SHAPE` times generation instead (launcher/evaluation/sampling_bench.py): tokens/s of
+one process generating --new-tokens greedily after a random prompt, without and with the KV
+cache, for a random-weight gpt2-124m or llama-124m (or the spec's model: `spec`):
+
+    zerolaunch bench --sampling gpt2-124m
+    zerolaunch bench --sampling llama-124m --new-tokens 300 --batch 4 --dtype bf16
 """
 
 from __future__ import annotations
@@ -74,12 +81,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--save-steps", type=int, default=10, help="steps timed around each save (default 10)"
     )
+    _add_sampling_arguments(p)
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps}, {args.warmup}")
+    counts = {"--new-tokens": args.new_tokens, "--prompt-tokens": args.prompt_tokens,
+              "--batch": args.batch, "--repeats": args.repeats}  # fmt: skip
+    wrong = [f"{flag} {value}" for flag, value in counts.items() if value < 1]
+    if wrong:
+        raise UserError(f"{', '.join(wrong)}: each must be >= 1")
     return args
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    from launcher.evaluation.sampling_bench import DTYPES, SHAPES
+
+    p.add_argument(
+        "--sampling",
+        choices=list(SHAPES),
+        default=None,
+        help="time generation instead of training: tokens/s without and with the KV cache, "
+        "for a random-weight model of this shape (spec: the spec's; --set model.* applies)",
+    )
+    p.add_argument(
+        "--new-tokens", type=int, default=300, help="--sampling: tokens generated (default 300)"
+    )
+    p.add_argument(
+        "--prompt-tokens", type=int, default=10, help="--sampling: prompt length (default 10)"
+    )
+    p.add_argument("--batch", type=int, default=1, help="--sampling: sequences at once (default 1)")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="--sampling: timed pairs, median (default 1)"
+    )
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="fp32", help="--sampling: weights (default fp32)"
+    )
 
 
 @dataclass
@@ -192,6 +230,8 @@ def _spec(spec_path: Path | None, overrides: list[str]) -> RunSpec:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.sampling is not None:
+        return sampling_main(args)
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
     from launcher.runtime.distributed import detect_env, device_type, exit_together
     from launcher.training.plan import engine_settings
@@ -204,12 +244,50 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = run_benchmark(spec, engine, env, args)
     if env.is_main:
-        text = json.dumps(result, indent=1)
-        print(text if args.json else f"{_headline(result)}\n{text}", flush=True)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text + "\n")
+        _report(result, _headline(result), args)
     return exit_together(0)
+
+
+def _report(result: dict, headline: str, args: argparse.Namespace) -> None:
+    """The headline and the JSON object on stdout (only the JSON with --json), and --out."""
+    text = json.dumps(result, indent=1)
+    print(text if args.json else f"{headline}\n{text}", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+def sampling_main(args: argparse.Namespace) -> int:
+    """--sampling: generation without and with the KV cache, in this one process."""
+    import torch
+
+    from launcher.evaluation.sampling_bench import SHAPES, headline, measure_sampling
+    from launcher.runtime.distributed import detect_env, select_device
+
+    env = detect_env()
+    if env.world_size > 1:
+        raise UserError(
+            "--sampling times one process: run zerolaunch bench --sampling on its own, not "
+            "under deepspeed or torchrun"
+        )
+    spec_path, _ = config_paths(args)
+    spec = _spec(spec_path, [*SHAPES[args.sampling], *args.overrides])
+    device = select_device(env)
+    shape = spec.name if args.sampling == "spec" else args.sampling
+    result = {"shape": shape} | measure_sampling(
+        spec.model,
+        device,
+        args.dtype,
+        args.prompt_tokens,
+        args.new_tokens,
+        args.batch,
+        args.repeats,
+        spec.train.seed,
+    )
+    result |= {"device": _device_name(device), "threads": torch.get_num_threads()}
+    result |= {"torch": torch.__version__}
+    _report(result, headline(shape, result, result["device"]), args)
+    return 0
 
 
 def run_benchmark(

@@ -60,3 +60,31 @@ def test_two_ranks_zero2_with_activation_checkpointing(tmp_path: Path) -> None:
 def test_bad_arguments_exit_2() -> None:
     result = run([PYTHON, "-m", "launcher.bench", "--steps", "0"], check=False)
     assert result.returncode == 2 and "--steps must be >= 1" in result.stderr
+    bad = ["--sampling", "gpt2-124m", "--new-tokens", "0", "--batch", "0"]
+    result = run([PYTHON, "-m", "launcher.bench", *bad], check=False)
+    assert (
+        result.returncode == 2 and "--new-tokens 0, --batch 0: each must be >= 1" in result.stderr
+    )
+
+
+@pytest.mark.parametrize("shape", ["gpt2-124m", "llama-124m"])
+def test_sampling_without_and_with_the_kv_cache(tmp_path: Path, shape: str) -> None:
+    """The plumbing of `zerolaunch bench --sampling` on a cut-down shape (the figures themselves
+    are docs/benchmarks.md's)."""
+    small = ["model.n_layer=1", "model.n_embd=64", "model.n_head=8", "model.vocab_size=96",
+             "model.block_size=32"]  # fmt: skip
+    out = tmp_path / "sampling.json"
+    cmd = [PYTHON, "-m", "launcher.bench", "--sampling", shape, *overrides(*small)]
+    args = ["--new-tokens", "40", "--prompt-tokens", "3", "--batch", "2", "--repeats", "2"]
+    result = run([*cmd, *args, "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert result.stdout.startswith(f"{shape} (") and "the same tokens: yes" in result.stdout
+    assert r["same_tokens"] and r["new_tokens"] == 40 and r["batch"] == 2
+    for mode in ("uncached", "cached"):
+        figures = r[mode]
+        assert len(figures["samples_s"]) == 2
+        assert figures["tokens_per_sec"] == pytest.approx(2 * 40 / figures["seconds"])
+    assert r["speedup"] == pytest.approx(r["uncached"]["seconds"] / r["cached"]["seconds"])
+    llama = shape.startswith("llama")
+    assert r["model"]["positions"] == ("rope" if llama else "learned")
+    assert r["model"]["kv_heads"] == (4 if llama else 8) and r["model"]["n_layer"] == 1
