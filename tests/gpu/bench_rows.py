@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,6 +61,12 @@ ROWS = [
      False, 4, 12, 0),
     ("gpt2-124m_zero1_bf16_saves", "124m", "zero1.json", [], False, 3, 5, 30),
 ]  # fmt: skip
+# Generation without and with the KV cache (zerolaunch bench --sampling SHAPE --dtype bf16): 300
+# tokens after a 10-token prompt, batch 1, random weights; run with the profile, before ZeRO-3.
+SAMPLING_ROWS = [
+    ("gpt2-124m_sampling_bf16", "gpt2-124m"),
+    ("llama-124m_sampling_bf16", "llama-124m"),
+]
 
 
 def command(
@@ -128,6 +135,47 @@ def profile_step(out: Path) -> None:
     free()
 
 
+def sampling_row(shape: str) -> dict:
+    from launcher.evaluation.sampling_bench import SHAPES, measure_sampling
+
+    tiny = ["model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.block_size=64"]
+    spec = load_spec(None, [*SHAPES[shape], *(tiny if DRY else [])])
+    device = torch.device("cpu") if DRY else torch.device("cuda", torch.cuda.current_device())
+    started = time.perf_counter()
+    result = measure_sampling(spec.model, device, "fp32" if DRY else "bf16",
+                              new_tokens=20 if DRY else 300)  # fmt: skip
+    result["wall_s"] = time.perf_counter() - started
+    result["command"] = f"zerolaunch bench --sampling {shape} --dtype bf16"
+    return result
+
+
+def attempt(name: str, row: Callable[[], dict], results: list[dict], out: Path) -> None:
+    """One row into results and OUT/bench.json; a row that fails is recorded, not raised."""
+    print(f"--- {name}", flush=True)
+    try:
+        result = row()
+    except Exception as e:  # noqa: BLE001 - one broken row must not cost the others
+        result = {"error": f"{type(e).__name__}: {e}"}
+        print(f"{name} failed: {result['error']}", flush=True)
+    results.append({"name": name, **result})
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    free()
+
+
+def summary(r: dict) -> str:
+    if "error" in r:
+        return f"{r['name']:<32} ERROR {r['error']}"
+    if "speedup" in r:
+        before, after = r["uncached"]["tokens_per_sec"], r["cached"]["tokens_per_sec"]
+        return (f"{r['name']:<32} {before:>8,.1f} -> {after:,.1f} tok/s generated with the KV "
+                f"cache ({r['speedup']:.2f}x), same tokens: {r['same_tokens']}")  # fmt: skip
+    ref = f"  vs plain PyTorch {r['vs_reference']:.3f}" if "vs_reference" in r else ""
+    return (
+        f"{r['name']:<32} {r['tokens_per_sec_per_device']:>10,.0f} tok/s/device  "
+        f"MFU {r['mfu']:5.1f}%  HFU {r['hfu']:5.1f}%  {r['peak_memory_gib']:6.1f} GiB{ref}"
+    )
+
+
 def free() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -145,24 +193,11 @@ def main() -> int:
                 profile_step(out / "profile.txt")
             except Exception as e:  # noqa: BLE001
                 (out / "profile.txt").write_text(f"profile failed: {type(e).__name__}: {e}\n")
-        print(f"--- {row[0]}", flush=True)
-        try:
-            result = run_row(*row)
-        except Exception as e:  # noqa: BLE001 - one broken row must not cost the others
-            result = {"error": f"{type(e).__name__}: {e}"}
-            print(f"{row[0]} failed: {result['error']}", flush=True)
-        results.append({"name": row[0], **result})
-        (out / "bench.json").write_text(json.dumps(results, indent=1))
-        free()
+            for name, shape in SAMPLING_ROWS:
+                attempt(name, lambda shape=shape: sampling_row(shape), results, out)
+        attempt(row[0], lambda row=row: run_row(*row), results, out)
     for r in results:
-        if "error" in r:
-            print(f"{r['name']:<32} ERROR {r['error']}")
-            continue
-        ref = f"  vs plain PyTorch {r['vs_reference']:.3f}" if "vs_reference" in r else ""
-        print(
-            f"{r['name']:<32} {r['tokens_per_sec_per_device']:>10,.0f} tok/s/device  "
-            f"MFU {r['mfu']:5.1f}%  HFU {r['hfu']:5.1f}%  {r['peak_memory_gib']:6.1f} GiB{ref}"
-        )
+        print(summary(r))
     return 0
 
 
