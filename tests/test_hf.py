@@ -123,6 +123,7 @@ def llama_run(
     cmd = [PYTHON, "launcher/run.py", "--spec", str(spec), "--ds_config", "ds_configs/zero1.json"]
     result = run([*cmd, *overrides(*llama_items(hf_dirs, hf_data, out))])
     assert f"fresh start from the Hugging Face model {hf_dirs['llama']}" in result.stdout
+    assert "comes with its own tokenizer" not in result.stderr  # the data was prepared with it
     return out
 
 

@@ -22,10 +22,15 @@ from data_pipeline.loader import (
     run_tokenizer,
     split_ranges,
 )
-from data_pipeline.tokenizers import Tokenizer, describe_identity, identity, same_identity
-from launcher.checkpoints import store
+from data_pipeline.tokenizers import (
+    Tokenizer,
+    describe_identity,
+    identity,
+    load_tokenizer,
+    same_identity,
+)
+from launcher.checkpoints import hf, store
 from launcher.checkpoints.contract import CheckpointMeta
-from launcher.checkpoints.hf import weight_files
 from launcher.checkpoints.universal import needs_universal
 from launcher.config.ds_config import EngineSettings, load_ds_config, resolve_engine
 from launcher.config.load import load_spec
@@ -375,21 +380,31 @@ def _init_hf(spec: RunSpec, data: DataPlan, warnings: list[str]) -> Path:
             f"model.init_from={directory} and checkpoint.init_from={spec.checkpoint.init_from} "
             "both give the first weights; keep one"
         )
-    weight_files(directory)
-    theirs = directory / "tokenizer.json"
-    if theirs.is_file() and not _same_file(data.tokenizer_identity, theirs):
+    hf.weight_files(directory)
+    if not _same_tokenizer(directory, data.tokenizer_identity):
         warnings.append(
-            f"model.init_from: {directory} comes with its own tokenizer.json, but the data is "
+            f"model.init_from: {directory} comes with its own tokenizer, but the data is "
             f"tokenized with {describe_identity(data.tokenizer_identity)}: its embeddings start "
             f"from rows that meant other tokens (prepare --tokenizer hf:{directory} to match)"
         )
     return directory
 
 
-def _same_file(tokenizer: dict, path: Path) -> bool:
-    """Whether a tokenizer identity is that of the Hugging Face tokenizer file `path`."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return tokenizer.get("type") == "hf" and tokenizer.get("sha256") == digest
+def _same_tokenizer(directory: Path, mine: dict) -> bool:
+    """Whether a Hugging Face directory's tokenizer is the data's: the one zerolaunch exported
+    (its description beside the files), or the very tokenizer.json the data was prepared with;
+    true when the directory has none."""
+    exported, theirs = directory / hf.TOKENIZER_FILE, directory / "tokenizer.json"
+    if exported.is_file():
+        try:
+            tokenizer = load_tokenizer(json.loads(exported.read_text()), directory)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return same_identity(identity(tokenizer), mine)
+    if theirs.is_file():
+        digest = hashlib.sha256(theirs.read_bytes()).hexdigest()
+        return mine.get("type") == "hf" and mine.get("sha256") == digest
+    return True
 
 
 def write_run_files(plan: RunPlan) -> None:
