@@ -239,3 +239,16 @@ def test_bad_hf_directories_are_exit_2_naming_what_is_wrong(
     result = run([*cmd, *overrides(*items)], check=False)
     assert result.returncode == 2 and f"does not have: {shard.name}" in result.stderr
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_shapes_of_neither_layout_are_refused_before_export(llama_run: Path, tmp_path) -> None:
+    from launcher.checkpoints.hf_layout import layout_of
+
+    with pytest.raises(UserError, match="positions=rope, norm=layernorm.*matches neither"):
+        layout_of(GPTConfig(positions="rope"))
+    with pytest.raises(UserError, match="GPT2LMHeadModel has no grouped-query attention"):
+        layout_of(GPTConfig(n_kv_head=2))
+    cmd = [PYTHON, "-m", "launcher.export", "--run", str(llama_run), "--out", str(tmp_path / "x")]
+    refused = run([*cmd, "--max-shard-size", "5 gigs"], check=False)
+    assert refused.returncode == 2 and "--max-shard-size '5 gigs'" in refused.stderr
+    assert not (tmp_path / "x").exists()
