@@ -5,11 +5,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,6 +67,46 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def mmididx_bytes(
+    lengths: list[int], doc_index: list[int], dtype_code: int, item_size: int
+) -> bytes:
+    """An .idx file written straight from the format description (not from our writer), as
+    Megatron-LM's and GPT-NeoX's indexed_dataset.py write it."""
+    header = b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", dtype_code)
+    header += struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(doc_index))
+    assert len(header) == 34
+    pointers, total = [], 0
+    for n in lengths:
+        pointers.append(total)
+        total += n * item_size
+    body = struct.pack(f"<{len(lengths)}i", *lengths)
+    body += struct.pack(f"<{len(lengths)}q", *pointers)
+    body += struct.pack(f"<{len(doc_index)}q", *doc_index)
+    return header + body
+
+
+MEGATRON_DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
+                        np.float64: 6, np.float32: 7, np.uint16: 8}  # fmt: skip
+
+
+def write_megatron(prefix: Path, documents: list[list[list[int]]], dtype: type) -> Path:
+    """A dataset as Megatron-LM / GPT-NeoX leave it (no PREFIX.json): each document a list of
+    sequences (their sentences), added one by one, each document closed by its end
+    (`end_document` appends the sequence count to doc_idx)."""
+    lengths, doc_index, tokens = [], [0], []
+    for document in documents:
+        for sequence in document:
+            lengths.append(len(sequence))
+            tokens += sequence
+        doc_index.append(len(lengths))
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}.bin").write_bytes(np.array(tokens, dtype=dtype).tobytes())
+    item_size = np.dtype(dtype).itemsize
+    idx = mmididx_bytes(lengths, doc_index, MEGATRON_DTYPE_CODES[dtype], item_size)
+    Path(f"{prefix}.idx").write_bytes(idx)
+    return prefix
+
+
 def run(cmd: list[str], check: bool = True, timeout: int = 300, cwd: Path = REPO, **env: str):
     """Run a command (from the repo root unless `cwd`); on failure show its whole output."""
     # wandb stays on this machine unless a test asks otherwise (a developer's API key included).
@@ -82,7 +124,14 @@ def overrides(*items: str) -> list[str]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The records of metrics.jsonl; while a run writes it, only the complete lines (none
+    before the file exists)."""
+    path = run_dir / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    lines = text.splitlines()
+    if text and not text.endswith("\n"):
+        lines = lines[:-1]  # the record being written
+    return [json.loads(line) for line in lines]
 
 
 def start_deepspeed_run(tiny_data: Path, out: Path, *extra: str) -> subprocess.Popen:

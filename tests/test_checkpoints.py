@@ -253,6 +253,17 @@ def test_export_loads_in_transformers_with_equal_logits(base_run: Path, tmp_path
     with torch.no_grad():
         diff = (hf(tokens).logits - ours.eval()(tokens)[0]).abs().max().item()
     assert diff < 1e-4
+    # The char tokenizer as AutoTokenizer files: our ids, and transformers' greedy text is ours.
+    from launcher.checkpoints.models import load_model_and_tokenizer
+
+    _, tokenizer, _ = load_model_and_tokenizer(out, None, torch.device("cpu"))
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer.encode("What is an LLM?")
+    assert auto("What is an LLM?")["input_ids"] == ids and auto.eos_token_id == tokenizer.eod_id
+    prompt = torch.tensor([ids])
+    greedy = hf.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    assert greedy.tolist() == ours.generate(prompt, 40, temperature=0).tolist()
+    assert auto.decode(greedy[0]) == tokenizer.decode(greedy[0].tolist())
     sample = run(
         [
             PYTHON,
@@ -326,6 +337,9 @@ def test_export_never_writes_into_a_run_or_over_a_users_files(
     assert {p.name for p in mine.iterdir()} == {
         "model.safetensors",
         "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
         "zerolaunch_tokenizer.json",
         "zerolaunch_export.json",  # never the checkpoint marker's name
     }
