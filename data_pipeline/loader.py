@@ -6,8 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipeline.foreign import FORMS, ForeignDataError, check_token_ids
 from data_pipeline.gpt_dataset import BlendedSamples, DocumentRange, GPTSamples, carve
-from data_pipeline.indexed import IndexedDataset, IndexedDatasetError
+from data_pipeline.indexed import IndexedDataset, IndexedDatasetError, bin_path, idx_path
 from data_pipeline.tokenizers import (
     Tokenizer,
     describe_identity,
@@ -27,12 +28,17 @@ class DataError(ValueError):
 
 @dataclass
 class Source:
-    """An opened indexed dataset with its PREFIX.json."""
+    """An opened indexed dataset with its PREFIX.json (or, for one made elsewhere, what the
+    spec's data.tokenizer says of it)."""
 
     prefix: Path
     weight: float
     dataset: IndexedDataset
     meta: dict
+    declared: Tokenizer | None = None
+    """The spec's data.tokenizer, where it is set."""
+    foreign: bool = False
+    """Made by another tool (Megatron-LM, GPT-NeoX): no PREFIX.json, tokenizer `declared`."""
 
     @property
     def name(self) -> str:
@@ -43,11 +49,14 @@ DATASET_SUFFIXES = (".bin", ".idx", ".json")
 
 
 def dataset_prefix(path: str | Path) -> Path:
-    """The prefix meant by a path: `data/x.bin`, `.idx` or `.json` of a prepared `data/x` is
+    """The prefix meant by a path: `data/x.bin`, `.idx` or `.json` of a dataset `data/x` is
     `data/x` (the files of one dataset share its prefix)."""
     path = Path(path)
-    if path.suffix in DATASET_SUFFIXES and Path(f"{path.with_suffix('')}.json").is_file():
-        return path.with_suffix("")
+    if path.suffix not in DATASET_SUFFIXES or idx_path(path).is_file():
+        return path
+    stem = path.with_suffix("")
+    if Path(f"{stem}.json").is_file() or idx_path(stem).is_file():
+        return stem
     return path
 
 
@@ -57,8 +66,11 @@ def _prefixes_in(directory: Path) -> list[str]:
     )
 
 
-def open_source(prefix: str | Path, weight: float = 1.0) -> Source:
-    """Open PREFIX.{json,idx,bin}; a missing or damaged dataset says how to prepare it."""
+def open_source(
+    prefix: str | Path, weight: float = 1.0, declared: Tokenizer | None = None
+) -> Source:
+    """Open PREFIX.{json,idx,bin}; a missing or damaged dataset says how to prepare it. A
+    `.bin/.idx` without PREFIX.json (made elsewhere) opens with the `declared` tokenizer."""
     prefix = dataset_prefix(prefix)
     meta_file = Path(f"{prefix}.json")
     if prefix.is_dir() and not meta_file.exists():
@@ -68,6 +80,8 @@ def open_source(prefix: str | Path, weight: float = 1.0) -> Source:
             f"{prefix} is a directory: give the prefix of a prepared dataset (the path of its "
             f".bin/.idx/.json without the suffix, e.g. data/shakespeare_char){which}"
         )
+    if not meta_file.exists() and (bin_path(prefix).exists() or idx_path(prefix).exists()):
+        return _open_foreign(prefix, weight, declared)
     if not meta_file.exists():
         raise DataError(
             f"no prepared dataset at {prefix} ({meta_file} is missing). Prepare it first, e.g. "
@@ -83,7 +97,30 @@ def open_source(prefix: str | Path, weight: float = 1.0) -> Source:
             f"{prefix}: the index has {dataset.num_documents} documents but {meta_file} says "
             f"{meta.get('documents')}; the files come from different runs. Prepare it again"
         )
-    return Source(prefix, weight, dataset, meta)
+    return Source(prefix, weight, dataset, meta, declared)
+
+
+def _open_foreign(prefix: Path, weight: float, declared: Tokenizer | None) -> Source:
+    """A .bin/.idx made by another tool: its files are never written to, and its tokenizer is
+    the spec's data.tokenizer."""
+    try:
+        dataset = IndexedDataset(prefix)
+    except IndexedDatasetError as e:
+        raise DataError(f"{e} ({prefix} has no {prefix.name}.json: made by another tool)") from e
+    if declared is None:
+        raise DataError(
+            f"{prefix}.bin/.idx has no {prefix.name}.json: it was made by another tool "
+            "(Megatron-LM, GPT-NeoX), so the run must say what it was tokenized with: set "
+            f"data.tokenizer to {FORMS} (a vocabulary size and EOD id only: training "
+            "without sampling)"
+        )
+    meta = {
+        "documents": dataset.num_documents,
+        "tokenizer": declared.describe(),
+        "vocab_size": declared.vocab_size,
+        "eod_id": declared.eod_id,
+    }
+    return Source(prefix, weight, dataset, meta, declared, foreign=True)
 
 
 # The fields of PREFIX.json training reads, and what each must be.
@@ -113,8 +150,12 @@ def _read_meta(meta_file: Path, prefix: Path) -> dict:
 
 def run_tokenizer(sources: list[Source]) -> Tokenizer:
     """The one tokenizer every source was prepared with: the same identity (kind, vocabulary
-    or model file hash, size, EOD), wherever each dataset keeps its copy of the files."""
+    or model file hash, size, EOD), wherever each dataset keeps its copy of the files; and the
+    one data.tokenizer declares, where it is set."""
     tokenizers = [_source_tokenizer(source) for source in sources]
+    for source, tokenizer in zip(sources, tokenizers):
+        if source.declared is not None and not source.foreign:
+            _check_declared(source, tokenizer)
     first, mine = sources[0], identity(tokenizers[0])
     for other, tokenizer in zip(sources[1:], tokenizers[1:]):
         if not same_identity(identity(tokenizer), mine):
@@ -126,7 +167,20 @@ def run_tokenizer(sources: list[Source]) -> Tokenizer:
     return tokenizers[0]
 
 
+def _check_declared(source: Source, tokenizer: Tokenizer) -> None:
+    """data.tokenizer and a dataset's PREFIX.json name the same tokenizer (identity)."""
+    declared, recorded = identity(source.declared), identity(tokenizer)
+    if not same_identity(declared, recorded):
+        raise DataError(
+            f"data.tokenizer is {describe_identity(declared)}, but {source.prefix}.json says "
+            f"{source.prefix} was prepared with {describe_identity(recorded)}; set "
+            "data.tokenizer to the dataset's tokenizer, or null to take it from PREFIX.json"
+        )
+
+
 def _source_tokenizer(source: Source) -> Tokenizer:
+    if source.foreign:
+        return source.declared
     try:
         return load_tokenizer(source.meta["tokenizer"], source.prefix.parent)
     except (ValueError, KeyError, TypeError, OSError) as e:  # TokenizerError is a ValueError
@@ -153,6 +207,12 @@ def split_ranges(
         return [whole(s) for s in train], None
     train_ranges, val_ranges = [], []
     for source, fraction in zip(train, fractions):
+        if source.foreign and val_fraction is None:
+            raise DataError(
+                f"{source.prefix} was made by another tool and records no val_fraction to carve "
+                "a val split with: set data.val_fraction (e.g. 0.01), give data.val, or turn "
+                "evaluation off (eval.interval: 0)"
+            )
         try:
             t, v = carve(source.dataset, fraction)
         except ValueError as e:
@@ -172,12 +232,32 @@ def build_samples(
     """Blended samples over the ranges, weights from their sources."""
     samples = []
     for r, source in zip(ranges, sources):
-        cache = Path(index_cache) if index_cache else Path(f"{source.prefix}.cache")
         try:
-            samples.append(GPTSamples(r, seq_len, seed, cache))
+            samples.append(GPTSamples(r, seq_len, seed, cache_dir(source, index_cache)))
         except ValueError as e:
             raise DataError(str(e)) from e
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         names = [f"{i}:{n}" for i, n in enumerate(names)]
     return BlendedSamples(samples, [s.weight for s in sources], names)
+
+
+def cache_dir(source: Source, index_cache: str | None) -> Path:
+    """Where a source's sample index and token scan are cached: data.index_cache, or
+    PREFIX.cache beside the dataset."""
+    return Path(index_cache) if index_cache else Path(f"{source.prefix}.cache")
+
+
+def check_foreign_ids(
+    sources: list[Source], tokenizer: Tokenizer, index_cache: str | None, is_builder: bool
+) -> None:
+    """Every token id of each dataset made elsewhere is below the tokenizer's vocabulary:
+    scanned once per dataset (the builder scans, the others wait for its cached result)."""
+    for source in sources:
+        if source.foreign:
+            try:
+                check_token_ids(
+                    source.dataset, tokenizer, cache_dir(source, index_cache), is_builder
+                )
+            except ForeignDataError as e:
+                raise DataError(str(e)) from e

@@ -203,6 +203,9 @@ class HFTokenizer:
             raise TokenizerError(_not_a_tokenizer(self.file, raw, e)) from e
         self.tok.encode_special_tokens = True  # "</s>" inside a document is text, as for the others
         self.sha256 = hashlib.sha256(raw).hexdigest()
+        self.stored_name = self.file.name
+        """The name its description gives the file (copies beside a dataset or in a run
+        directory); another than tokenizer.json, our description's name in a run directory."""
         self.config = dict(config or {})
         self.name = name or self.file.parent.name or self.file.stem
         vocab = self.tok.get_vocab(with_added_tokens=True)
@@ -261,7 +264,7 @@ class HFTokenizer:
         return {
             "type": "hf",
             "name": self.name,
-            "file": self.file.name,
+            "file": self.stored_name,
             "sha256": self.sha256,
             "eos_token": self.eos_token,
             "tokenizer_config": self.config,
@@ -406,6 +409,10 @@ def load_tokenizer(description: dict, base_dir: Path) -> Tokenizer:
             config=description.get("tokenizer_config"),
             name=description.get("name", ""),
         )
+    if kind == "vocab":  # data.tokenizer vocab:SIZE:eod=ID (a dataset made elsewhere)
+        from data_pipeline.foreign import VocabTokenizer
+
+        return VocabTokenizer(description["vocab_size"], description["eod_id"])
     raise TokenizerError(f"unknown tokenizer type {kind!r} in {base_dir}")
 
 
@@ -422,8 +429,8 @@ def copy_tokenizer_files(tokenizer: Tokenizer, dest_dir: Path) -> None:
     """Copy the files a tokenizer description refers to (a SentencePiece model, a Hugging Face
     tokenizer file) into dest_dir, under the names the description gives."""
     for file in tokenizer_files(tokenizer):
-        target = Path(dest_dir) / file.name
-        if file.name == HF_FILE:  # the name of our description in a run directory
+        target = Path(dest_dir) / getattr(tokenizer, "stored_name", file.name)
+        if target.name == HF_FILE:  # the name of our description in a run directory
             raise TokenizerError(
                 f"{file} would overwrite {target}, the tokenizer description there: load the "
                 "tokenizer from its dataset (prepare installs it as PREFIX.hf-*.tokenizer.json)"

@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         args.run, args.tag, args.out, args.force, args.dtype, _size(args.max_shard_size)
     )
     print(f"exported {tag_dir} -> {args.out} ({', '.join(files)})")
+    if "tokenizer.json" not in files:
+        print(
+            f"note: no tokenizer files for transformers: {args.run} was trained with "
+            "data.tokenizer vocab:SIZE:eod=ID (token ids only, no text); put the data's "
+            f"tokenizer files in {args.out} yourself"
+        )
     return 0
 
 

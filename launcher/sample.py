@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.foreign import has_text
 from launcher.checkpoints.models import load_model_and_tokenizer
 from launcher.config.spec import SampleConfig
-from launcher.errors import run_cli
+from launcher.errors import UserError, run_cli
 from launcher.evaluation.sampling import generate_text
 
 
@@ -46,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     model, tokenizer, source = load_model_and_tokenizer(args.run, args.tag, device)
+    if not has_text(tokenizer):
+        raise UserError(
+            f"{args.run} was trained on token ids only (data.tokenizer vocab:"
+            f"{tokenizer.vocab_size}:eod={tokenizer.eod_id}): there is no tokenizer to encode "
+            "a prompt or decode a sample. Train with the data's real tokenizer as data.tokenizer "
+            "(tiktoken:NAME, sentencepiece:MODEL_FILE or hf:PATH) to sample"
+        )
     sample = replace(
         SampleConfig(),
         prompt=args.prompt,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import mmididx_bytes
 
 from data_pipeline.indexed import (
     IndexedDataset,
@@ -16,21 +17,6 @@ from data_pipeline.indexed import (
 )
 
 DOCS = [[5, 6, 7, 0], [8, 0], [9, 10, 11, 12, 13, 0]]
-
-
-def megatron_idx_bytes(lengths: list[int], dtype_code: int, item_size: int) -> bytes:
-    """An .idx file written straight from the format description (not from our writer)."""
-    header = b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", dtype_code)
-    header += struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(lengths) + 1)
-    assert len(header) == 34
-    pointers, total = [], 0
-    for n in lengths:
-        pointers.append(total)
-        total += n * item_size
-    body = struct.pack(f"<{len(lengths)}i", *lengths)
-    body += struct.pack(f"<{len(lengths)}q", *pointers)
-    body += struct.pack(f"<{len(lengths) + 1}q", *range(len(lengths) + 1))
-    return header + body
 
 
 def write(prefix: Path, docs: list[list[int]], dtype=np.uint16) -> Path:
@@ -44,7 +30,8 @@ def write(prefix: Path, docs: list[list[int]], dtype=np.uint16) -> Path:
 @pytest.mark.parametrize(("dtype", "code"), [(np.uint16, 8), (np.int32, 4)])
 def test_written_index_matches_the_format_byte_for_byte(tmp_path: Path, dtype, code) -> None:
     write(tmp_path / "ds", DOCS, dtype)
-    expected = megatron_idx_bytes([len(d) for d in DOCS], code, np.dtype(dtype).itemsize)
+    lengths = [len(d) for d in DOCS]
+    expected = mmididx_bytes(lengths, list(range(len(DOCS) + 1)), code, np.dtype(dtype).itemsize)
     assert (tmp_path / "ds.idx").read_bytes() == expected
     tokens = np.fromfile(tmp_path / "ds.bin", dtype=dtype)
     assert tokens.tolist() == [t for d in DOCS for t in d]
@@ -52,7 +39,7 @@ def test_written_index_matches_the_format_byte_for_byte(tmp_path: Path, dtype, c
 
 def test_a_dataset_written_from_the_description_opens_here(tmp_path: Path) -> None:
     # As Megatron's preprocess_data.py would leave it: int32 tokens, dtype code 4.
-    (tmp_path / "meg.idx").write_bytes(megatron_idx_bytes([3, 2], 4, 4))
+    (tmp_path / "meg.idx").write_bytes(mmididx_bytes([3, 2], [0, 1, 2], 4, 4))
     np.array([1, 2, 3, 4, 5], dtype=np.int32).tofile(tmp_path / "meg.bin")
     ds = IndexedDataset(tmp_path / "meg")
     assert len(ds) == 2 and ds.num_documents == 2 and ds.num_tokens == 5

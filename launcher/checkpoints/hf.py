@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data_pipeline.foreign import has_text
 from data_pipeline.tokenizers import load_tokenizer
 from launcher.checkpoints import store
 from launcher.checkpoints.contract import META_FILE
@@ -151,6 +152,8 @@ def _tokenizer_files(run_dir: Path, out: Path, spec) -> list[str]:
     (out / TOKENIZER_FILE).write_text(json.dumps(description, ensure_ascii=False))
     tokenizer = load_tokenizer(description, run_dir)
     written = [TOKENIZER_FILE]
+    if not has_text(tokenizer):  # vocab:SIZE:eod=ID: a size and an EOD id, nothing to convert
+        return written
     for key in ("model", "file"):  # sentencepiece's .model, a Hugging Face tokenizer's file
         name = description.get(key)
         if isinstance(name, str) and (run_dir / name).is_file():

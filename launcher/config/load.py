@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.foreign import FORMS, check_declared
 from launcher.checkpoints.hf_layout import SHAPE_FIELDS, read_config, shape_differences
 from launcher.config.paths import (
     DEFAULT_SPEC,
@@ -328,6 +329,9 @@ def validate(spec: RunSpec) -> list[str]:
     fraction = spec.data.val_fraction
     if fraction is not None and not 0.0 <= fraction < 1.0:
         problems.append(f"data.val_fraction: must be in [0, 1), got {fraction}")
+    declared = spec.data.tokenizer and check_declared(spec.data.tokenizer)
+    if declared or spec.data.tokenizer == "":
+        problems.append(f"data.tokenizer: {declared or 'empty; give ' + FORMS + ' or null'}")
     _check_min(problems, spec.eval, "eval", 0, "interval", "min_delta")
     _check_min(problems, spec.eval, "eval", 1, "batches", "patience")
     mode = spec.monitor.wandb.mode

@@ -44,6 +44,8 @@ class DataConfig:
     """Fraction of documents (the last ones) carved off for val; null = what prepare recorded."""
     index_cache: str | None = None
     """Directory for the cached sample index; null = PREFIX.cache beside each dataset."""
+    tokenizer: str | None = None
+    """What datasets without PREFIX.json were tokenized with (tiktoken:NAME, ...); null = none."""
 
 
 @dataclass

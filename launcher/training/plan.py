@@ -1,8 +1,9 @@
 """Everything checked before a run starts: spec, DeepSpeed config, dataset, checkpoint.
 
-`prepare_run` starts no process group and writes no file, so a mistake costs nothing and an
-existing run's checkpoints are never touched by a run that was going to fail; `write_run_files`
-writes the run's first files once the plan is known to be good.
+`prepare_run` starts no process group and writes no file of the run (only the token scan of a
+dataset made elsewhere is cached beside it), so a mistake costs nothing and an existing run's
+checkpoints are never touched by a run that was going to fail; `write_run_files` writes the
+run's first files once the plan is known to be good.
 """
 
 from __future__ import annotations
@@ -13,17 +14,20 @@ import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from data_pipeline.foreign import declared_tokenizer, describe_spec, has_text
 from data_pipeline.gpt_dataset import BlendedSamples
 from data_pipeline.loader import (
     DataError,
     Source,
     build_samples,
+    check_foreign_ids,
     open_source,
     run_tokenizer,
     split_ranges,
 )
 from data_pipeline.tokenizers import (
     Tokenizer,
+    TokenizerError,
     describe_identity,
     identity,
     load_tokenizer,
@@ -64,7 +68,13 @@ class DataPlan:
         return self.tokenizer.vocab_size
 
     def describe(self) -> str:
-        train = ", ".join(f"{s.name} x{s.weight:g}" for s in self.sources)
+        train = ", ".join(
+            f"{s.name} x{s.weight:g}{' (made elsewhere)' if s.foreign else ''}"
+            for s in self.sources
+        )
+        if any(s.foreign for s in self.sources):
+            declared = describe_spec(self.tokenizer)
+            return f"data: {train}; tokenizer {declared} (data.tokenizer; token ids checked)"
         return f"data: {train}; tokenizer {self.sources[0].meta['tokenizer']['type']}"
 
 
@@ -175,25 +185,44 @@ def _resolve_model(spec: RunSpec, data: DataPlan) -> RunSpec:
     return replace(spec, model=replace(spec.model, vocab_size=vocab))
 
 
-def _check_prompt(spec: RunSpec, tokenizer: Tokenizer) -> None:
-    """Fail now, not after hours of training, if the end-of-run sample cannot be encoded."""
+def _check_prompt(spec: RunSpec, tokenizer: Tokenizer, warnings: list[str]) -> RunSpec:
+    """Fail now, not after hours of training, if the end-of-run sample cannot be encoded; a
+    tokenizer without text (vocab:SIZE:eod=ID) turns the sample off, with a warning."""
     if spec.sample.max_new_tokens == 0:
-        return
+        return spec
+    if not has_text(tokenizer):
+        warnings.append(
+            f"sampling is off (sample.max_new_tokens=0): data.tokenizer={spec.data.tokenizer} "
+            "gives only a vocabulary size, no text; set it to the tokenizer the data was made "
+            "with (tiktoken:NAME, sentencepiece:MODEL_FILE or hf:PATH) to sample"
+        )
+        return replace(spec, sample=replace(spec.sample, max_new_tokens=0))
     try:
         ids = tokenizer.encode(spec.sample.prompt)
     except ValueError as e:
         raise UserError(f"sample.prompt={spec.sample.prompt!r}: {e}") from e
     if not ids:
         raise UserError("sample.prompt is empty; give text to continue or sample.max_new_tokens=0")
+    return spec
 
 
-def open_data(spec: RunSpec) -> DataPlan:
-    """Open every source, check they share a tokenizer and can fill samples of block_size."""
+def open_data(spec: RunSpec, is_builder: bool = True) -> DataPlan:
+    """Open every source, check they share a tokenizer and can fill samples of block_size.
+    Datasets made elsewhere have their token ids scanned once (cached beside the sample index:
+    the builder, local rank 0, scans while the others wait)."""
     d, seq, seed = spec.data, spec.model.block_size, spec.train.seed
     try:
-        train = [open_source(s.path, s.weight) for s in d.train]
-        val = [open_source(s.path, s.weight) for s in d.val] if d.val is not None else None
+        declared = declared_tokenizer(d.tokenizer) if d.tokenizer else None
+    except TokenizerError as e:
+        message = str(e).removeprefix(f"--tokenizer {d.tokenizer}: ")  # prepare's flag
+        raise UserError(f"data.tokenizer={d.tokenizer}: {message}") from e
+    try:
+        train = [open_source(s.path, s.weight, declared) for s in d.train]
+        val = None
+        if d.val is not None:
+            val = [open_source(s.path, s.weight, declared) for s in d.val]
         tokenizer = run_tokenizer(train + (val or []))
+        check_foreign_ids(train + (val or []), tokenizer, d.index_cache, is_builder)
         need_val = spec.eval.interval > 0
         train_ranges, val_ranges = split_ranges(train, val, d.val_fraction, need_val)
         train_samples = build_samples(train_ranges, train, seq, seed, d.index_cache)
@@ -253,10 +282,10 @@ def prepare_run(
         problems,
         lambda: engine_settings(spec, spec_path, ds_path, env.world_size, device, overrides),
     ) or (None, [])
-    data = _attempt(problems, lambda: open_data(spec))
+    data = _attempt(problems, lambda: open_data(spec, is_builder=env.local_rank == 0))
     if data is not None:
         spec = _attempt(problems, lambda: _resolve_model(spec, data)) or spec
-        _attempt(problems, lambda: _check_prompt(spec, data.tokenizer))
+        spec = _attempt(problems, lambda: _check_prompt(spec, data.tokenizer, warnings)) or spec
     resume, init, init_hf = None, None, None
     if engine is not None and spec.model.vocab_size is not None:
         found = _attempt(problems, lambda: _resume(spec, env, engine, damaged or {}))
