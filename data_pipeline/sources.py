@@ -1,28 +1,56 @@
 """Input corpora, streamed document by document with bounded memory.
 
-    .txt          one document per file, or split on --txt-separator (streamed)
-    .jsonl        one document per line, text under --text-key
-    .jsonl.gz     the same, gzip-compressed
-    directories   every file of those kinds below them; globs are expanded
+    .txt  .txt.gz  .txt.zst  .zst   one document per file, or split on --txt-separator
+    .jsonl  .jsonl.gz  .jsonl.zst   one document per line, the text under --text-key
+    .parquet                        one document per row, the text in the --text-key column
+    directories                     every file of those kinds below them; globs are expanded
 
-Each file's sha256 and size are computed while it is read (no second pass).
+gzip and zstd are decompressed as they are read (every member or frame of a file), and parquet
+files are read a row group at a time in batches of a few MB of text (pyarrow), so memory does
+not grow with the input. A document larger than `max_document_bytes` (a `.txt` file read whole
+without a separator, a line, a separated piece, a parquet cell) is refused with the file and
+where it is, before it is read whole. Damaged input (a truncated or corrupt gzip/zstd stream, a
+parquet file without its footer or with an unreadable row group) is a SourceError naming the
+file and where it broke.
+
+Each file's sha256 and size are those of its bytes as stored (compressed), computed while it is
+read. A parquet file is read through pyarrow's own IO (its footer, then the text column's chunks
+at their offsets), so it is hashed in a separate streaming pass once its rows are read.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
 import io
 import json
 import os
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
-_BLOCK = 8 * 1024 * 1024
+FORMATS: dict[str, tuple[str, str | None]] = {
+    ".jsonl.gz": ("jsonl", "gzip"),
+    ".jsonl.zst": ("jsonl", "zstd"),
+    ".jsonl": ("jsonl", None),
+    ".txt.gz": ("txt", "gzip"),
+    ".txt.zst": ("txt", "zstd"),
+    ".txt": ("txt", None),
+    ".zst": ("txt", "zstd"),
+    ".parquet": ("parquet", None),
+}
+"""Input suffix -> (format, compression); the first suffix a name ends with wins."""
+SUFFIXES = tuple(FORMATS)
+MAX_DOCUMENT_BYTES = 64_000_000
+"""The largest document read into memory (`prepare --max-document-mb`)."""
+_BLOCK = 8 * 1024 * 1024  # buffered reads of (decompressed) text
+_COMPRESSED_BLOCK = 64 * 1024  # compressed bytes fed to a decompressor at a time
+_GZIP_OUTPUT = 1024 * 1024  # decompressed bytes taken from zlib at a time
+_DAMAGE_PROBE = 64_000_000  # text read on past a bad line of a compressed file, to find damage
+_PARQUET_BATCH_BYTES = 8 * 1024 * 1024  # text decoded from parquet at a time, about
+_PARQUET_BUFFER = 1024 * 1024  # pyarrow reads column chunks page by page through this buffer
 
 
 class SourceError(ValueError):
@@ -41,9 +69,9 @@ class ReadStats:
     files: list[dict] = field(default_factory=list)
 
 
-def _kind(path: Path) -> str | None:
-    name = path.name
-    return next((s for s in SUFFIXES if name.endswith(s)), None)
+def input_format(path: Path) -> tuple[str, str | None] | None:
+    """(format, compression) of an input file by its name, None for other files."""
+    return next((kind for suffix, kind in FORMATS.items() if path.name.endswith(suffix)), None)
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -52,14 +80,14 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
+            files += sorted(p for p in path.rglob("*") if p.is_file() and input_format(p))
         elif path.is_file():
-            if not _kind(path):
+            if not input_format(path):
                 raise SourceError(f"{path}: unsupported input; use {', '.join(SUFFIXES)} files")
             files.append(path)
         elif glob.has_magic(item):
             matched = sorted(Path(p) for p in glob.glob(item, recursive=True))
-            files += [p for p in matched if p.is_file() and _kind(p)]
+            files += [p for p in matched if p.is_file() and input_format(p)]
         else:
             raise SourceError(f"input {item} does not exist")
     if not files:
@@ -85,6 +113,80 @@ class _HashingReader(io.RawIOBase):
         return n
 
 
+class _Damaged(Exception):
+    """A compressed stream is truncated or corrupt (the reader adds the file and position)."""
+
+
+def _decoder(codec: str):
+    """A decompressor of one gzip member or zstd frame (.decompress, .eof, .unused_data)."""
+    if codec == "gzip":
+        return zlib.decompressobj(wbits=31)
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj()
+
+
+class _Decompressing(io.RawIOBase):
+    """The decompressed bytes of a gzip or zstd stream, every member or frame of it in turn.
+
+    Unlike gzip.GzipFile and zstandard's stream_reader, an input that ends inside a member or
+    frame is an error (zstandard's reader ends quietly), and the error says where it broke.
+    Input goes in by _COMPRESSED_BLOCK; gzip's output comes out by _GZIP_OUTPUT at most, zstd's
+    by what one input block holds (a few MB at the ratios of text)."""
+
+    def __init__(self, source: _HashingReader, codec: str) -> None:
+        self.source, self.codec, self.produced = source, codec, 0
+        self.decoder, self.started, self.error = _decoder(codec), False, None
+        self.tail = b""  # input read but not yet taken by the decoder
+        self.pending, self.offset = b"", 0  # decompressed, not yet returned from pending[offset:]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        while self.offset == len(self.pending):
+            if not self._fill():
+                return 0
+        n = min(len(buffer), len(self.pending) - self.offset)
+        buffer[:n] = self.pending[self.offset : self.offset + n]
+        self.offset += n
+        return n
+
+    def _fill(self) -> bool:
+        """Decompress some more input into pending; False at the end of the input. A damaged
+        block gives what decompressed before the damage first, then the error."""
+        if self.error:
+            raise self.error
+        self.tail = self.tail or self.source.read(_COMPRESSED_BLOCK)
+        if not self.tail:
+            if self.started and not self.decoder.eof:
+                unit = "member" if self.codec == "gzip" else "frame"
+                raise _Damaged(f"truncated {self.codec} data: the file ends inside a {unit}")
+            return False
+        self.pending, self.offset = self._step(), 0
+        return True
+
+    def _step(self) -> bytes:
+        data, self.tail = self.tail, b""
+        if not self.started and not data.strip(b"\x00"):
+            return b""  # zero padding after the last member (some tools write it)
+        self.started = True
+        try:
+            if self.codec == "gzip":
+                out = self.decoder.decompress(data, _GZIP_OUTPUT)
+                self.tail = self.decoder.unconsumed_tail
+            else:
+                out = self.decoder.decompress(data)
+        except Exception as e:  # zlib.error, zstandard.ZstdError
+            self.error = _Damaged(f"corrupt {self.codec} data ({e})")
+            return b""
+        if self.decoder.eof:  # the next member or frame, if any, starts in unused_data
+            self.tail = self.decoder.unused_data
+            self.decoder, self.started = _decoder(self.codec), False
+        self.produced += len(out)
+        return out
+
+
 class DocumentReader:
     """Streams documents from files; decode errors fail, or are skipped and counted."""
 
@@ -93,29 +195,69 @@ class DocumentReader:
         text_key: str = "text",
         txt_separator: str | None = None,
         on_decode_error: str = "fail",
+        max_document_bytes: int = MAX_DOCUMENT_BYTES,
     ) -> None:
-        self.text_key, self.separator, self.on_decode_error = (
-            text_key,
-            txt_separator,
-            on_decode_error,
-        )
+        self.text_key, self.separator = text_key, txt_separator
+        self.on_decode_error, self.max_document = on_decode_error, max_document_bytes
         self.stats = ReadStats()
+        self._at = ""  # where reading is in the current file: "line 12", "document 3"
 
     def read(self, files: list[Path]) -> Iterator[str]:
+        self.check_sizes(files)
         for path in files:
-            with open(path, "rb") as raw:
-                reader = _HashingReader(raw, self.stats)
-                stream = io.BufferedReader(reader, buffer_size=_BLOCK)
-                if path.name.endswith(".gz"):
-                    stream = gzip.GzipFile(fileobj=stream, mode="rb")
-                if _kind(path) == ".txt":
-                    yield from self._txt(path, stream)
-                else:
-                    yield from self._jsonl(path, stream)
-                stream.read()  # a file read to its end is hashed whole
-            self.stats.files.append(
-                {"path": str(path), "bytes": reader.size, "sha256": reader.sha.hexdigest()}
+            fmt, codec = input_format(path) or ("txt", None)
+            if fmt == "parquet":
+                yield from self._parquet(path)
+            else:
+                yield from self._stream(path, fmt, codec)
+
+    def check_sizes(self, files: list[Path]) -> None:
+        """Refuse, before reading anything, an uncompressed .txt that would be one document
+        larger than the limit (compressed ones are refused when their text passes it)."""
+        if self.separator is not None:
+            return
+        for path in files:
+            if input_format(path) == ("txt", None) and path.stat().st_size > self.max_document:
+                self._too_long(path, "the file", path.stat().st_size, exact=True)
+
+    def _too_long(self, path: Path, what: str, size: int, exact: bool = False) -> None:
+        fmt = (input_format(path) or ("txt", None))[0]
+        if fmt == "txt" and self.separator is None:
+            hint = (
+                "Split it into documents with --txt-separator (e.g. '<|endoftext|>', or '\\n\\n' "
+                "for paragraphs), or into one file per document"
             )
+        elif fmt == "txt":
+            hint = f"Is --txt-separator {self.separator!r} right? It does not occur in that text"
+        else:
+            hint = "Split or leave out such documents before preparing"
+        raise SourceError(
+            f"{path}: {what} would be one document of {'' if exact else 'over '}{_mb(size)}, "
+            f"over the limit of {_mb(self.max_document)} (--max-document-mb). {hint}, or raise "
+            "--max-document-mb (memory grows with it, several times the document's size)"
+        )
+
+    def _stream(self, path: Path, fmt: str, codec: str | None) -> Iterator[str]:
+        with open(path, "rb") as raw:
+            reader = _HashingReader(raw, self.stats)
+            source = _Decompressing(reader, codec) if codec else reader
+            stream = io.BufferedReader(source, buffer_size=_BLOCK)
+            parse = self._txt if fmt == "txt" else self._jsonl
+            try:
+                try:
+                    yield from parse(path, stream)
+                except SourceError as error:
+                    if codec:  # garbage from a corrupt stream breaks JSON before its checksum
+                        _read_on(stream, _DAMAGE_PROBE)
+                    raise error
+                _read_on(stream)  # a file read to its end is hashed whole
+            except _Damaged as e:
+                message = _damage_message(path, e, reader, self._at, source.produced)
+                raise SourceError(message) from None
+        self._record(path, reader.size, reader.sha.hexdigest())
+
+    def _record(self, path: Path, size: int, sha256: str) -> None:
+        self.stats.files.append({"path": str(path), "bytes": size, "sha256": sha256})
 
     def _decode(self, data: bytes, where: str) -> str | None:
         try:
@@ -145,19 +287,40 @@ class DocumentReader:
 
     def _txt(self, path: Path, stream: io.BufferedIOBase) -> Iterator[str]:
         if self.separator is None:
-            yield from self._emit(self._decode(stream.read(), str(path)))
+            self._at = "its only document"
+            data = stream.read(self.max_document + 1)
+            if len(data) > self.max_document:
+                self._too_long(path, "its text", self.max_document)
+            yield from self._emit(self._decode(data, str(path)))
             return
         sep, pending, n = self.separator.encode(), b"", 0
-        while block := stream.read(_BLOCK):
+        self._at = "document 1"
+        while block := stream.read1(_BLOCK):  # one read of the source: _at stays exact
             parts = (pending + block).split(sep)
             pending = parts.pop()
             for part in parts:
                 n += 1
+                if len(part) > self.max_document:
+                    self._too_long(path, f"document {n:,}", len(part), exact=True)
                 yield from self._emit(self._decode(part, f"{path}, document {n}"))
+            self._at = f"document {n + 1:,}"
+            if len(pending) > self.max_document:
+                self._too_long(path, f"document {n + 1:,}", self.max_document)
         yield from self._emit(self._decode(pending, f"{path}, document {n + 1}"))
 
+    def _lines(self, stream: io.BufferedIOBase, path: Path) -> Iterator[tuple[int, bytes]]:
+        """(number, line) of every line, none read whole past the document limit."""
+        number = 1
+        self._at = "line 1"
+        while line := stream.readline(self.max_document + 1):
+            if len(line) > self.max_document and not line.endswith(b"\n"):
+                self._too_long(path, f"line {number:,}", self.max_document)
+            yield number, line
+            number += 1
+            self._at = f"line {number:,}"
+
     def _jsonl(self, path: Path, stream: io.BufferedIOBase) -> Iterator[str]:
-        for number, line in enumerate(stream, start=1):
+        for number, line in self._lines(stream, path):
             if not line.strip():
                 continue
             text = self._decode(line, f"{path}, line {number}")
@@ -167,18 +330,146 @@ class DocumentReader:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
                 raise SourceError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or self.text_key not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise SourceError(
-                    f"{path}, line {number}: no key {self.text_key!r} (found {keys}); "
-                    "pass --text-key with the field that holds the text"
-                )
-            value = record[self.text_key]
-            if not isinstance(value, str):
-                raise SourceError(
-                    f"{path}, line {number}: {self.text_key!r} is {type(value).__name__}, not text"
-                )
-            yield from self._emit(value)
+            yield from self._emit(self._text_of(record, f"{path}, line {number}"))
+
+    def _text_of(self, record: object, where: str) -> str:
+        if not isinstance(record, dict) or self.text_key not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise SourceError(
+                f"{where}: no key {self.text_key!r} (found {keys}); "
+                "pass --text-key with the field that holds the text"
+            )
+        value = record[self.text_key]
+        if not isinstance(value, str):
+            raise SourceError(f"{where}: {self.text_key!r} is {type(value).__name__}, not text")
+        return value
+
+    def _parquet(self, path: Path) -> Iterator[str]:
+        file = _open_parquet(path)
+        column = _text_column(file, path, self.text_key)
+        size, rows_total, rows_done = path.stat().st_size, max(file.metadata.num_rows, 1), 0
+        for group in range(file.num_row_groups):
+            for start, values in _row_group_values(file, path, group, column, self.text_key):
+                for row, value in enumerate(values, start=start):
+                    yield from self._emit(self._parquet_text(path, row, value))
+                rows_done += len(values)
+                self.stats.bytes_read += size * rows_done // rows_total - self.stats.bytes_read
+        self._record(path, size, _sha256_of(path))
+
+    def _parquet_text(self, path: Path, row: int, value: object) -> str:
+        if not isinstance(value, str):
+            kind = "null" if value is None else type(value).__name__
+            raise SourceError(f"{path}, row {row:,}: {self.text_key!r} is {kind}, not text")
+        if len(value) > self.max_document:
+            self._too_long(path, f"row {row:,}", self.max_document)
+        return value
+
+
+def _read_on(stream: io.BufferedIOBase, limit: float = float("inf")) -> None:
+    """Read (and so hash and check) the rest of a stream, or `limit` bytes of it."""
+    read = 0
+    while read < limit and (block := stream.read(_BLOCK)):
+        read += len(block)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+def _damage_message(
+    path: Path, error: _Damaged, file: _HashingReader, at: str, produced: int
+) -> str:
+    return (
+        f"{path}: {error}; it broke in {at} ({produced:,} bytes decompressed), having read "
+        f"{file.size:,} of the file's {path.stat().st_size:,} bytes. The file is damaged or "
+        "incomplete: download or compress it again"
+    )
+
+
+# ------------------------------------------------------------------ parquet
+
+
+def _open_parquet(path: Path):
+    """A pyarrow ParquetFile that reads column chunks page by page (not whole, not prebuffered)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(
+            path,
+            buffer_size=_PARQUET_BUFFER,
+            pre_buffer=False,
+            page_checksum_verification=True,
+        )
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(
+            f"{path}: not a readable parquet file ({_one_line(e)}); a truncated parquet file "
+            f"loses its footer (this one is {path.stat().st_size:,} bytes): download or write it "
+            "again"
+        ) from None
+
+
+def _text_column(file, path: Path, key: str) -> int:
+    """The index of the text column, which must hold strings."""
+    import pyarrow as pa
+
+    schema = file.schema_arrow
+    if key not in schema.names:
+        raise SourceError(
+            f"{path}: no column {key!r} (it has {', '.join(schema.names)}); pass --text-key with "
+            "the column that holds the text"
+        )
+    kind = schema.field(key).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise SourceError(f"{path}: column {key!r} holds {kind}, not text (string)")
+    return schema.get_field_index(key)
+
+
+def _batch_rows(file, group: int, column: int) -> int:
+    """Rows per batch so that a batch holds about _PARQUET_BATCH_BYTES of text."""
+    meta = file.metadata.row_group(group)
+    text_bytes = meta.column(column).total_uncompressed_size
+    per_row = max(1, text_bytes // max(meta.num_rows, 1))
+    return int(min(65_536, max(1, _PARQUET_BATCH_BYTES // per_row)))
+
+
+def _row_group_values(
+    file, path: Path, group: int, column: int, key: str
+) -> Iterator[tuple[int, list]]:
+    """(first row, values) of each batch of one row group; a damaged one names the group."""
+    import pyarrow as pa
+
+    first = sum(file.metadata.row_group(g).num_rows for g in range(group))
+    rows, start = file.metadata.row_group(group).num_rows, first
+    batches = file.iter_batches(
+        batch_size=_batch_rows(file, group, column),
+        row_groups=[group],
+        columns=[key],
+        use_threads=False,
+    )
+    try:
+        for batch in batches:
+            values = batch.column(0).to_pylist()
+            yield start, values
+            start += len(values)
+    except (pa.ArrowException, OSError) as e:
+        raise SourceError(
+            f"{path}: row group {group} of {file.num_row_groups} (rows {first:,} to "
+            f"{first + rows - 1:,}, {start - first:,} of them read) cannot be read "
+            f"({_one_line(e)}); the file is damaged: download or write it again"
+        ) from None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _sha256_of(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 # ------------------------------------------------------------------ the demo corpus
