@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from multiprocessing import get_context
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,8 @@ from data_pipeline.tokenizers import (
 )
 
 META_VERSION = 1
-CHUNK_BYTES = 1 << 20  # text handed to a worker at a time
+CHUNK_BYTES = 1 << 20  # characters of text handed to a worker at a time
+CHAR_SLICE = 1 << 22  # characters a char tokenizer encodes at a time (~21 bytes each)
 
 
 class PrepareError(RuntimeError):
@@ -87,22 +89,48 @@ def _init_worker(description: dict, base_dir: str, dtype: str, one_thread: bool 
 def encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of the documents, each followed by EOD, in the output dtype; and their lengths."""
     tok, dtype = _worker_tokenizer, _worker_dtype
-    if isinstance(tok, CharTokenizer):
-        encoded = [tok.encode_array(t) for t in texts]
-    else:
-        encoded = [np.asarray(ids, dtype=np.int64) for ids in encode_documents(tok, texts)]
+    _check_fits(tok.eod_id, tok, dtype)
+    encoded = [_checked(ids, tok, dtype) for ids in _encode(tok, texts, dtype)]
     lengths = np.fromiter((len(e) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
-    tokens = np.empty(int(lengths.sum()), dtype=np.int64)
+    tokens = np.empty(int(lengths.sum()), dtype=dtype)
     ends = np.cumsum(lengths)
     for ids, end in zip(encoded, ends):
         tokens[end - 1 - len(ids) : end - 1] = ids
     tokens[ends - 1] = tok.eod_id
-    if len(tokens) and (tokens.max() >= tok.vocab_size or tokens.max() > np.iinfo(dtype).max):
+    return tokens, lengths
+
+
+def _encode(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> Iterator[np.ndarray]:
+    """Each document's ids as an array, made without a Python int per token where the
+    tokenizer allows (a long document's ids would take ~36 bytes per token as a list)."""
+    if isinstance(tok, CharTokenizer):  # per character: slices encode exactly as the whole
+        for text in texts:
+            slices = range(0, len(text), CHAR_SLICE)
+            yield np.concatenate(
+                [_checked(tok.encode_array(text[i : i + CHAR_SLICE]), tok, dtype) for i in slices]
+                or [np.zeros(0, dtype)]
+            )
+    elif isinstance(tok, TiktokenTokenizer):  # = encode_ordinary: special tokens read as text
+        yield from (tok.enc.encode_to_numpy(t, disallowed_special=()) for t in texts)
+    else:
+        yield from (np.asarray(ids, dtype=np.int64) for ids in encode_documents(tok, texts))
+
+
+def _checked(ids: np.ndarray, tok: Tokenizer, dtype: np.dtype) -> np.ndarray:
+    """The ids in the output dtype, once each is known to fit it (ids are never negative)."""
+    if len(ids):
+        _check_fits(int(ids.max()), tok, dtype)
+    if ids.dtype.kind in "ui" and ids.dtype.itemsize == dtype.itemsize:
+        return ids.view(dtype)  # tiktoken's uint32 as int32: the same bits, no copy
+    return ids.astype(dtype, copy=False)
+
+
+def _check_fits(top: int, tok: Tokenizer, dtype: np.dtype) -> None:
+    if top >= tok.vocab_size or top > np.iinfo(dtype).max:
         raise PrepareError(
-            f"token id {int(tokens.max())} does not fit: vocabulary {tok.vocab_size}, dtype "
+            f"token id {top} does not fit: vocabulary {tok.vocab_size}, dtype "
             f"{dtype} (max {np.iinfo(dtype).max}); the tokenizer and its vocab size disagree"
         )
-    return tokens.astype(dtype), lengths
 
 
 def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
@@ -127,13 +155,31 @@ def encode_stream(
         yield from map(encode_chunk, _chunks(documents))
         return
     with get_context().Pool(workers, initializer=_init_worker, initargs=(*args, True)) as pool:
-        pending: deque = deque()
-        for chunk in _chunks(documents):
-            pending.append(pool.apply_async(encode_chunk, (chunk,)))
-            if len(pending) >= 2 * workers:  # bounded: reading never runs far ahead
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        submitted = (
+            (pool.apply_async(encode_chunk, (chunk,)), sum(map(len, chunk)))
+            for chunk in _chunks(documents)
+        )
+        yield from in_order(submitted, 2 * workers, 2 * workers * CHUNK_BYTES)
+
+
+def in_order(
+    tasks: Iterable[tuple[AsyncResult, int]], max_tasks: int, max_chars: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The results of (task, characters) in submission order. A task is taken from `tasks`
+    (which submits it) only while fewer than `max_tasks` and `max_chars` characters are in
+    flight: reading never runs ahead of tokenizing by more than that window (a single larger
+    chunk goes alone). Pool.imap would take every task at once."""
+    pending: deque[tuple[AsyncResult, int]] = deque()
+    in_flight = 0
+    for task, chars in tasks:
+        pending.append((task, chars))
+        in_flight += chars
+        while pending and (len(pending) >= max_tasks or in_flight > max_chars):
+            task, chars = pending.popleft()
+            in_flight -= chars
+            yield task.get()
+    while pending:
+        yield pending.popleft()[0].get()
 
 
 # ------------------------------------------------------------------------------ progress

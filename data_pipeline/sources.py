@@ -43,7 +43,7 @@ FORMATS: dict[str, tuple[str, str | None]] = {
 }
 """Input suffix -> (format, compression); the first suffix a name ends with wins."""
 SUFFIXES = tuple(FORMATS)
-MAX_DOCUMENT_BYTES = 64_000_000
+MAX_DOCUMENT_BYTES = 32_000_000
 """The largest document read into memory (`prepare --max-document-mb`)."""
 _BLOCK = 8 * 1024 * 1024  # buffered reads of (decompressed) text
 _COMPRESSED_BLOCK = 64 * 1024  # compressed bytes fed to a decompressor at a time
@@ -291,7 +291,9 @@ class DocumentReader:
             data = stream.read(self.max_document + 1)
             if len(data) > self.max_document:
                 self._too_long(path, "its text", self.max_document)
-            yield from self._emit(self._decode(data, str(path)))
+            text = self._decode(data, str(path))
+            del data  # not kept beside its text while the document is tokenized
+            yield from self._emit(text)
             return
         sep, pending, n = self.separator.encode(), b"", 0
         self._at = "document 1"

@@ -1,5 +1,5 @@
 """Input formats of `python -m data_pipeline.prepare` (parquet, gzip, zstd, mixed directories),
-damaged input, and documents past the size limit."""
+damaged input, documents past the size limit, and the bounded window of chunks in flight."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ import pytest
 import zstandard
 from conftest import corpus_documents
 from test_prepare import assert_fails, assert_round_trip, prepare
+
+from data_pipeline.prepare import CHUNK_BYTES, encode_stream, in_order
+from data_pipeline.tokenizers import CharTokenizer
 
 SEP = "<|doc|>"
 KEY = "body"  # not the default key: --text-key must reach every format
@@ -197,3 +200,48 @@ def test_documents_past_the_limit_are_refused_before_they_are_read(tmp_path: Pat
     piece = prepare_input(tmp_path, out=out, check=False, extra=("--max-document-mb", "2"))
     assert_fails(piece, "one.txt: document 2 would be one document", f"{SEP!r} right?")
     assert not list(tmp_path.glob("ds.*"))
+
+
+class Counted:
+    """A task whose result is known, and a source of them that counts how many were taken."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def get(self) -> int:
+        return self.value
+
+
+def test_in_order_takes_tasks_only_while_the_window_has_room() -> None:
+    taken = []
+
+    def tasks(sizes):
+        for i, size in enumerate(sizes):
+            taken.append(i)
+            yield Counted(i), size
+
+    results = in_order(tasks([10] * 100), max_tasks=4, max_chars=1000)
+    assert next(results) == 0 and len(taken) == 4  # 4 in flight, then the first is returned
+    assert list(results) == list(range(1, 100))
+    taken.clear()
+    results = in_order(tasks([300] * 100), max_tasks=4, max_chars=1000)
+    assert next(results) == 0 and len(taken) == 4  # 1,200 characters: over the window
+    taken.clear()
+    results = in_order(tasks([5000, 10, 10]), max_tasks=4, max_chars=1000)
+    assert next(results) == 0 and len(taken) == 1  # a larger chunk goes alone
+
+
+def test_reading_stays_a_bounded_window_ahead_of_the_workers(tmp_path: Path) -> None:
+    pulled = []
+
+    def documents_read():
+        for i in range(40):  # 40 chunks of text: reading them all first is what to avoid
+            pulled.append(i)
+            yield "ab" * (CHUNK_BYTES // 2)
+
+    tokenizer = CharTokenizer(["a", "b"])
+    stream = encode_stream(documents_read(), tokenizer, np.dtype(np.uint16), tmp_path, workers=2)
+    tokens, lengths = next(stream)
+    assert lengths.tolist() == [CHUNK_BYTES + 1] and tokens[-1] == tokenizer.eod_id
+    assert len(pulled) <= 2 * 2 + 1  # 2 x workers chunks in flight
+    assert sum(len(t) for t, _ in stream) == 39 * (CHUNK_BYTES + 1)
