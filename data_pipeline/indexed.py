@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,9 @@ class IndexedDataset:
 class IndexedDatasetWriter:
     """Stream documents into `PREFIX.bin`/`.idx` under temporary names; `finalize` renames them.
 
-    An interrupted write leaves only `*.tmp` files, never a `.idx` that looks valid.
+    An interrupted write leaves only `*.tmp` files, never a `.idx` that looks valid. The lengths
+    go to a temporary file as they come and the index is written from it in blocks, so memory
+    does not grow with the number of documents.
     """
 
     def __init__(self, prefix: str | Path, dtype: np.dtype) -> None:
@@ -159,19 +162,25 @@ class IndexedDatasetWriter:
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._bin_tmp = Path(f"{prefix}.bin.tmp")
         self._bin = open(self._bin_tmp, "wb")  # noqa: SIM115 (closed in finalize/abort)
-        self._lengths: list[np.ndarray] = []
+        self._lengths_tmp = Path(f"{prefix}.lengths.tmp")
+        self._lengths = open(self._lengths_tmp, "wb")  # noqa: SIM115 (int32, one per document)
+        self._documents = self._tokens = 0
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Append documents given as one token array and the length of each document."""
         self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-        self._lengths.append(np.asarray(lengths, dtype=np.int32))
+        lengths = np.asarray(lengths, dtype=np.int32)
+        self._lengths.write(lengths.tobytes())
+        self._documents += len(lengths)
+        self._tokens += int(lengths.sum(dtype=np.int64))
 
     def finalize(self) -> tuple[int, int]:
         """Close, write the index, rename into place; returns (documents, tokens)."""
         self._bin.close()
-        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
+        self._lengths.close()
         idx_tmp = Path(f"{self.prefix}.idx.tmp")
-        write_index(idx_tmp, lengths, np.arange(len(lengths) + 1), self.dtype)
+        _write_index_from(self._lengths_tmp, self._documents, idx_tmp, self.dtype)
+        self._lengths_tmp.unlink()
         # Retire the old dataset first (its PREFIX.json marks it complete, then its index): a
         # crash between the renames leaves a dataset that refuses to open, never an old index
         # over new tokens that looks valid. Until this point the old dataset stays intact.
@@ -179,11 +188,39 @@ class IndexedDatasetWriter:
         idx_path(self.prefix).unlink(missing_ok=True)
         os.replace(self._bin_tmp, bin_path(self.prefix))
         os.replace(idx_tmp, idx_path(self.prefix))
-        return len(lengths), int(lengths.sum(dtype=np.int64))
+        return self._documents, self._tokens
 
     def abort(self) -> None:
         self._bin.close()
+        self._lengths.close()
         self._bin_tmp.unlink(missing_ok=True)
+        self._lengths_tmp.unlink(missing_ok=True)
+
+
+INDEX_BLOCK = 1 << 20
+"""Index entries written at a time by the writer (4-8 MB)."""
+
+
+def _write_index_from(lengths_file: Path, count: int, path: Path, dtype: np.dtype) -> None:
+    """The `.idx` of `count` one-sequence documents whose int32 lengths are in lengths_file,
+    written block by block: the same bytes as write_index, in constant memory."""
+    with open(path, "wb") as out:
+        out.write(HEADER.pack(MAGIC, VERSION, CODE_OF[np.dtype(dtype)], count, count + 1))
+        for lengths in _int32_blocks(lengths_file):
+            out.write(lengths.tobytes())
+        offset = 0  # bytes into .bin
+        for lengths in _int32_blocks(lengths_file):
+            ends = np.cumsum(lengths, dtype=np.int64) * np.dtype(dtype).itemsize + offset
+            out.write(np.concatenate(([offset], ends[:-1])).astype(np.int64).tobytes())
+            offset = int(ends[-1])
+        for start in range(0, count + 1, INDEX_BLOCK):
+            out.write(np.arange(start, min(start + INDEX_BLOCK, count + 1), dtype=np.int64).data)
+
+
+def _int32_blocks(path: Path) -> Iterator[np.ndarray]:
+    with open(path, "rb") as f:
+        while block := f.read(4 * INDEX_BLOCK):
+            yield np.frombuffer(block, dtype=np.int32)
 
 
 CHUNK = 1 << 24

@@ -16,6 +16,7 @@ import zstandard
 from conftest import corpus_documents
 from test_prepare import assert_fails, assert_round_trip, prepare
 
+from data_pipeline import indexed
 from data_pipeline.prepare import CHUNK_BYTES, encode_stream, in_order
 from data_pipeline.tokenizers import CharTokenizer
 
@@ -245,3 +246,18 @@ def test_reading_stays_a_bounded_window_ahead_of_the_workers(tmp_path: Path) -> 
     assert lengths.tolist() == [CHUNK_BYTES + 1] and tokens[-1] == tokenizer.eod_id
     assert len(pulled) <= 2 * 2 + 1  # 2 x workers chunks in flight
     assert sum(len(t) for t, _ in stream) == 39 * (CHUNK_BYTES + 1)
+
+
+def test_the_writer_spills_lengths_and_writes_the_index_in_blocks(tmp_path: Path, monkeypatch):
+    """Memory does not grow with the number of documents: the index comes out of a file of
+    lengths in blocks (here of 7 entries), with the bytes write_index gives in one piece."""
+    monkeypatch.setattr(indexed, "INDEX_BLOCK", 7)
+    lengths = np.random.default_rng(0).integers(1, 50, size=60)
+    writer = indexed.IndexedDatasetWriter(tmp_path / "ds", np.dtype(np.int32))
+    for part in np.array_split(lengths, 9):
+        writer.add_documents(np.zeros(int(part.sum()), np.int32), part)
+    assert writer.finalize() == (60, int(lengths.sum()))
+    indexed.write_index(tmp_path / "whole.idx", lengths, np.arange(61), np.dtype(np.int32))
+    assert (tmp_path / "ds.idx").read_bytes() == (tmp_path / "whole.idx").read_bytes()
+    assert not list(tmp_path.glob("*.tmp"))
+    assert indexed.IndexedDataset(tmp_path / "ds").sizes.tolist() == lengths.tolist()
