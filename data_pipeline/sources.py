@@ -374,12 +374,13 @@ class DocumentReader:
         file = _open_parquet(path)
         column = _text_column(file, path, self.text_key)
         size, rows_total, rows_done = path.stat().st_size, max(file.metadata.num_rows, 1), 0
+        before = self.stats.bytes_read  # the file's bytes are counted as its rows are read
         for group in range(file.num_row_groups):
             for start, values in _row_group_values(file, path, group, column, self.text_key):
                 for row, value in enumerate(values, start=start):
                     yield from self._emit(self._parquet_text(path, row, value))
                 rows_done += len(values)
-                self.stats.bytes_read += size * rows_done // rows_total - self.stats.bytes_read
+                self.stats.bytes_read = before + size * rows_done // rows_total
         self._record(path, size, sha256_of(path))
 
     def _parquet_text(self, path: Path, row: int, value: object) -> str:

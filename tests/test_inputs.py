@@ -112,6 +112,8 @@ def test_a_directory_mixing_every_format(tmp_path: Path) -> None:
     result = prepare_input(root, out=out)
     assert f"{len(docs)} documents" in result.stdout
     order = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix != ".md")
+    stored = sum(p.stat().st_size for p in order)  # every file's bytes counted, parquet's too
+    assert f"{stored / 1e6:,.1f} MB in" in result.stdout
     expected = [docs[i] for path in order for i in parts[int(path.name[:2])]]
     assert_round_trip(out, expected)
     recorded = json.loads(Path(f"{out}.json").read_text())["sources"]
