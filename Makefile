@@ -9,7 +9,8 @@ PY         := $(VENV)/bin/python
 NPROC      ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)")
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install data demo test bench bench-sampling bench-data gpu-check lint format clean
+.PHONY: install data demo test bench bench-sampling bench-data bench-data-memory gpu-check lint \
+	format clean
 
 install: $(VENV)/.installed
 
@@ -67,6 +68,14 @@ gpu-check:
 # Data pipeline throughput (prints JSON): prepare vs the raw tokenizer, and the loader.
 bench-data: install
 	$(PY) -m data_pipeline.bench
+
+# Memory of preparing multi-GB inputs (docs/data.md, "Memory"): a .txt with a separator, a .jsonl
+# and a .parquet of 512 MB row groups, BENCH_DATA_GB of text each (written under /tmp one at a
+# time and deleted after: about 2.2 x BENCH_DATA_GB GB of disk), each prepared by the CLI while
+# its process tree is sampled; against the raw tokenizer. About 12 minutes for 2 GB on 2 cores.
+BENCH_DATA_GB ?= 2
+bench-data-memory: install
+	$(PY) -m data_pipeline.bench --memory --gb $(BENCH_DATA_GB)
 
 lint: install
 	$(VENV)/bin/ruff check .
