@@ -15,7 +15,8 @@ file and where it broke.
 
 Each file's sha256 and size are those of its bytes as stored (compressed), computed while it is
 read. A parquet file is read through pyarrow's own IO (its footer, then the text column's chunks
-at their offsets), so it is hashed in a separate streaming pass once its rows are read.
+at their offsets), so it is hashed in a separate streaming pass once its rows are read. The
+byte streams under the readers (hashing, decompression, parquet batches) are in streams.py.
 """
 
 from __future__ import annotations
@@ -26,10 +27,21 @@ import io
 import json
 import os
 import tarfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from data_pipeline.streams import (
+    BLOCK,
+    Damaged,
+    Decompressing,
+    HashingReader,
+    SourceError,
+    open_parquet,
+    row_group_values,
+    sha256_of,
+    text_column,
+)
 
 FORMATS: dict[str, tuple[str, str | None]] = {
     ".jsonl.gz": ("jsonl", "gzip"),
@@ -45,16 +57,8 @@ FORMATS: dict[str, tuple[str, str | None]] = {
 SUFFIXES = tuple(FORMATS)
 MAX_DOCUMENT_BYTES = 32_000_000
 """The largest document read into memory (`prepare --max-document-mb`)."""
-_BLOCK = 8 * 1024 * 1024  # buffered reads of (decompressed) text
-_COMPRESSED_BLOCK = 64 * 1024  # compressed bytes fed to a decompressor at a time
-_GZIP_OUTPUT = 1024 * 1024  # decompressed bytes taken from zlib at a time
+
 _DAMAGE_PROBE = 64_000_000  # text read on past a bad line of a compressed file, to find damage
-_PARQUET_BATCH_BYTES = 8 * 1024 * 1024  # text decoded from parquet at a time, about
-_PARQUET_BUFFER = 1024 * 1024  # pyarrow reads column chunks page by page through this buffer
-
-
-class SourceError(ValueError):
-    """An input cannot be read as documents; the message names the file and the fix."""
 
 
 @dataclass
@@ -93,98 +97,6 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     if not files:
         raise SourceError(f"no {', '.join(SUFFIXES)} files found in {' '.join(inputs)}")
     return files
-
-
-class _HashingReader(io.RawIOBase):
-    """Wraps a binary file: hashes and counts every byte read through it."""
-
-    def __init__(self, raw: io.BufferedReader, stats: ReadStats) -> None:
-        self.raw, self.sha, self.stats, self.size = raw, hashlib.sha256(), stats, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        n = self.raw.readinto(buffer)
-        if n:
-            self.sha.update(memoryview(buffer)[:n])
-            self.size += n
-            self.stats.bytes_read += n
-        return n
-
-
-class _Damaged(Exception):
-    """A compressed stream is truncated or corrupt (the reader adds the file and position)."""
-
-
-def _decoder(codec: str):
-    """A decompressor of one gzip member or zstd frame (.decompress, .eof, .unused_data)."""
-    if codec == "gzip":
-        return zlib.decompressobj(wbits=31)
-    import zstandard
-
-    return zstandard.ZstdDecompressor().decompressobj()
-
-
-class _Decompressing(io.RawIOBase):
-    """The decompressed bytes of a gzip or zstd stream, every member or frame of it in turn.
-
-    Unlike gzip.GzipFile and zstandard's stream_reader, an input that ends inside a member or
-    frame is an error (zstandard's reader ends quietly), and the error says where it broke.
-    Input goes in by _COMPRESSED_BLOCK; gzip's output comes out by _GZIP_OUTPUT at most, zstd's
-    by what one input block holds (a few MB at the ratios of text)."""
-
-    def __init__(self, source: _HashingReader, codec: str) -> None:
-        self.source, self.codec, self.produced = source, codec, 0
-        self.decoder, self.started, self.error = _decoder(codec), False, None
-        self.tail = b""  # input read but not yet taken by the decoder
-        self.pending, self.offset = b"", 0  # decompressed, not yet returned from pending[offset:]
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        while self.offset == len(self.pending):
-            if not self._fill():
-                return 0
-        n = min(len(buffer), len(self.pending) - self.offset)
-        buffer[:n] = self.pending[self.offset : self.offset + n]
-        self.offset += n
-        return n
-
-    def _fill(self) -> bool:
-        """Decompress some more input into pending; False at the end of the input. A damaged
-        block gives what decompressed before the damage first, then the error."""
-        if self.error:
-            raise self.error
-        self.tail = self.tail or self.source.read(_COMPRESSED_BLOCK)
-        if not self.tail:
-            if self.started and not self.decoder.eof:
-                unit = "member" if self.codec == "gzip" else "frame"
-                raise _Damaged(f"truncated {self.codec} data: the file ends inside a {unit}")
-            return False
-        self.pending, self.offset = self._step(), 0
-        return True
-
-    def _step(self) -> bytes:
-        data, self.tail = self.tail, b""
-        if not self.started and not data.strip(b"\x00"):
-            return b""  # zero padding after the last member (some tools write it)
-        self.started = True
-        try:
-            if self.codec == "gzip":
-                out = self.decoder.decompress(data, _GZIP_OUTPUT)
-                self.tail = self.decoder.unconsumed_tail
-            else:
-                out = self.decoder.decompress(data)
-        except Exception as e:  # zlib.error, zstandard.ZstdError
-            self.error = _Damaged(f"corrupt {self.codec} data ({e})")
-            return b""
-        if self.decoder.eof:  # the next member or frame, if any, starts in unused_data
-            self.tail = self.decoder.unused_data
-            self.decoder, self.started = _decoder(self.codec), False
-        self.produced += len(out)
-        return out
 
 
 class DocumentReader:
@@ -239,9 +151,9 @@ class DocumentReader:
 
     def _stream(self, path: Path, fmt: str, codec: str | None) -> Iterator[str]:
         with open(path, "rb") as raw:
-            reader = _HashingReader(raw, self.stats)
-            source = _Decompressing(reader, codec) if codec else reader
-            stream = io.BufferedReader(source, buffer_size=_BLOCK)
+            reader = HashingReader(raw, self.stats)
+            source = Decompressing(reader, codec) if codec else reader
+            stream = io.BufferedReader(source, buffer_size=BLOCK)
             parse = self._txt if fmt == "txt" else self._jsonl
             try:
                 try:
@@ -251,7 +163,7 @@ class DocumentReader:
                         _read_on(stream, _DAMAGE_PROBE)
                     raise error
                 _read_on(stream)  # a file read to its end is hashed whole
-            except _Damaged as e:
+            except Damaged as e:
                 message = _damage_message(path, e, reader, self._at, source.produced)
                 raise SourceError(message) from None
         self._record(path, reader.size, reader.sha.hexdigest())
@@ -297,7 +209,7 @@ class DocumentReader:
             return
         sep, pending, n = self.separator.encode(), b"", 0
         self._at = "document 1"
-        while block := stream.read1(_BLOCK):  # one read of the source: _at stays exact
+        while block := stream.read1(BLOCK):  # one read of the source: _at stays exact
             parts = (pending + block).split(sep)
             pending = parts.pop()
             for part in parts:
@@ -348,9 +260,9 @@ class DocumentReader:
     def _jsonl_range(self, path: Path, start: int, end: int) -> Iterator[str]:
         """The lines of `path` that begin in [start, end): the line a cut falls in belongs to
         the part before. Recorded with its range; the merge hashes the whole file."""
-        with open(path, "rb", buffering=_BLOCK) as raw:
+        with open(path, "rb", buffering=BLOCK) as raw:
             raw.seek(max(start - 1, 0))
-            while start and (rest := raw.readline(_BLOCK)) and not rest.endswith(b"\n"):
+            while start and (rest := raw.readline(BLOCK)) and not rest.endswith(b"\n"):
                 pass  # the end of the line that began before the range
             begun = raw.tell()
             yield from self._jsonl(path, _Until(raw, end), f" of the part from byte {begun:,}")
@@ -371,12 +283,12 @@ class DocumentReader:
         return value
 
     def _parquet(self, path: Path) -> Iterator[str]:
-        file = _open_parquet(path)
-        column = _text_column(file, path, self.text_key)
+        file = open_parquet(path)
+        column = text_column(file, path, self.text_key)
         size, rows_total, rows_done = path.stat().st_size, max(file.metadata.num_rows, 1), 0
         before = self.stats.bytes_read  # the file's bytes are counted as its rows are read
         for group in range(file.num_row_groups):
-            for start, values in _row_group_values(file, path, group, column, self.text_key):
+            for start, values in row_group_values(file, path, group, column, self.text_key):
                 for row, value in enumerate(values, start=start):
                     yield from self._emit(self._parquet_text(path, row, value))
                 rows_done += len(values)
@@ -406,7 +318,7 @@ class _Until:
 def _read_on(stream: io.BufferedIOBase, limit: float = float("inf")) -> None:
     """Read (and so hash and check) the rest of a stream, or `limit` bytes of it."""
     read = 0
-    while read < limit and (block := stream.read(_BLOCK)):
+    while read < limit and (block := stream.read(BLOCK)):
         read += len(block)
 
 
@@ -414,100 +326,12 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:,.1f} MB"
 
 
-def _damage_message(
-    path: Path, error: _Damaged, file: _HashingReader, at: str, produced: int
-) -> str:
+def _damage_message(path: Path, error: Damaged, file: HashingReader, at: str, produced: int) -> str:
     return (
         f"{path}: {error}; it broke in {at} ({produced:,} bytes decompressed), having read "
         f"{file.size:,} of the file's {path.stat().st_size:,} bytes. The file is damaged or "
         "incomplete: download or compress it again"
     )
-
-
-# ------------------------------------------------------------------ parquet
-
-
-def _open_parquet(path: Path):
-    """A pyarrow ParquetFile that reads column chunks page by page (not whole, not prebuffered)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.ParquetFile(
-            path,
-            buffer_size=_PARQUET_BUFFER,
-            pre_buffer=False,
-            page_checksum_verification=True,
-        )
-    except (pa.ArrowException, OSError) as e:
-        raise SourceError(
-            f"{path}: not a readable parquet file ({_one_line(e)}); a truncated parquet file "
-            f"loses its footer (this one is {path.stat().st_size:,} bytes): download or write it "
-            "again"
-        ) from None
-
-
-def _text_column(file, path: Path, key: str) -> int:
-    """The index of the text column, which must hold strings."""
-    import pyarrow as pa
-
-    schema = file.schema_arrow
-    if key not in schema.names:
-        raise SourceError(
-            f"{path}: no column {key!r} (it has {', '.join(schema.names)}); pass --text-key with "
-            "the column that holds the text"
-        )
-    kind = schema.field(key).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise SourceError(f"{path}: column {key!r} holds {kind}, not text (string)")
-    return schema.get_field_index(key)
-
-
-def _batch_rows(file, group: int, column: int) -> int:
-    """Rows per batch so that a batch holds about _PARQUET_BATCH_BYTES of text."""
-    meta = file.metadata.row_group(group)
-    text_bytes = meta.column(column).total_uncompressed_size
-    per_row = max(1, text_bytes // max(meta.num_rows, 1))
-    return int(min(65_536, max(1, _PARQUET_BATCH_BYTES // per_row)))
-
-
-def _row_group_values(
-    file, path: Path, group: int, column: int, key: str
-) -> Iterator[tuple[int, list]]:
-    """(first row, values) of each batch of one row group; a damaged one names the group."""
-    import pyarrow as pa
-
-    first = sum(file.metadata.row_group(g).num_rows for g in range(group))
-    rows, start = file.metadata.row_group(group).num_rows, first
-    batches = file.iter_batches(
-        batch_size=_batch_rows(file, group, column),
-        row_groups=[group],
-        columns=[key],
-        use_threads=False,
-    )
-    try:
-        for batch in batches:
-            values = batch.column(0).to_pylist()
-            yield start, values
-            start += len(values)
-    except (pa.ArrowException, OSError) as e:
-        raise SourceError(
-            f"{path}: row group {group} of {file.num_row_groups} (rows {first:,} to "
-            f"{first + rows - 1:,}, {start - first:,} of them read) cannot be read "
-            f"({_one_line(e)}); the file is damaged: download or write it again"
-        ) from None
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
-def sha256_of(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 # ------------------------------------------------------------------ the demo corpus
