@@ -167,7 +167,6 @@ def merged_stats(metas: list[dict]) -> ReadStats:
         if source.pop("range", None) is not None:
             path = Path(source["path"])
             source["bytes"], source["sha256"] = path.stat().st_size, sha256_of(path)
-    stats.documents = sum(m["documents"] for m in metas)
     return stats
 
 

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.foreign import has_text
-from data_pipeline.tokenizers import load_tokenizer
+from data_pipeline.tokenizers import Tokenizer, load_tokenizer
 from launcher.checkpoints import store
 from launcher.checkpoints.contract import META_FILE
 from launcher.checkpoints.hf_layout import Lazy, export_tensors, import_state, to_hf_config
@@ -136,21 +136,22 @@ def export(
     (out / "config.json").write_text(json.dumps(config, indent=2))
     generation = {"bos_token_id": tokenizer.eod_id, "eos_token_id": tokenizer.eod_id}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    files += ["config.json", "generation_config.json", *_tokenizer_files(run_dir, out, spec)]
+    files += ["config.json", "generation_config.json"]
+    files += _tokenizer_files(run_dir, out, description, tokenizer, spec.model.block_size)
     source = {"run": str(run_dir), "tag": tag_dir.name, "dtype": dtype,
               "model": asdict(spec.model)}  # fmt: skip
     (out / EXPORT_META).write_text(json.dumps(source, indent=1))
     return tag_dir, files
 
 
-def _tokenizer_files(run_dir: Path, out: Path, spec) -> list[str]:
+def _tokenizer_files(
+    run_dir: Path, out: Path, description: dict, tokenizer: Tokenizer, block_size: int
+) -> list[str]:
     """Our description (for `zerolaunch sample`), the tokenizer's own files, and the files
     `transformers.AutoTokenizer` loads."""
     from data_pipeline.hf_tokenizer import save_for_transformers
 
-    description = json.loads((run_dir / "tokenizer.json").read_text())
     (out / TOKENIZER_FILE).write_text(json.dumps(description, ensure_ascii=False))
-    tokenizer = load_tokenizer(description, run_dir)
     written = [TOKENIZER_FILE]
     if not has_text(tokenizer):  # vocab:SIZE:eod=ID: a size and an EOD id, nothing to convert
         return written
@@ -159,7 +160,7 @@ def _tokenizer_files(run_dir: Path, out: Path, spec) -> list[str]:
         if isinstance(name, str) and (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out / name)
             written.append(name)
-    return written + save_for_transformers(tokenizer, run_dir, out, spec.model.block_size)
+    return written + save_for_transformers(tokenizer, run_dir, out, block_size)
 
 
 # ----------------------------------------------------------------------------- reading
