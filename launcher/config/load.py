@@ -50,6 +50,9 @@ def _type_name(tp: Any) -> str:
         return tp.__name__
     if typing.get_origin(tp) is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        key, item = typing.get_args(tp)
+        return f"a mapping of {_type_name(key)} to {_type_name(item)}"
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return " or ".join(_type_name(a) for a in args) + " or null"
 
@@ -66,6 +69,13 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
                 if ok:
                     return True, coerced
         return False, value
+    if typing.get_origin(tp) is dict:
+        key_type, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            return False, value
+        coerced = {k: _coerce(v, item) for k, v in value.items()}
+        ok = all(isinstance(k, key_type) and k_ok for k, (k_ok, _) in coerced.items())
+        return ok, {k: v for k, (_, v) in coerced.items()}
     if typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -333,7 +343,11 @@ def validate(spec: RunSpec) -> list[str]:
     if declared or spec.data.tokenizer == "":
         problems.append(f"data.tokenizer: {declared or 'empty; give ' + FORMS + ' or null'}")
     _check_min(problems, spec.eval, "eval", 0, "interval", "min_delta")
-    _check_min(problems, spec.eval, "eval", 1, "batches", "patience")
+    _check_min(problems, spec.eval, "eval", 1, "batches", "patience", "tasks_limit")
+    _check_min(problems, spec.eval, "eval", 0, "tasks_interval")
+    problems += _eval_problems(spec)
+    _check_min(problems, t.profile, "train.profile", 0, "steps")
+    _check_min(problems, t.profile, "train.profile", 1, "start")
     mode = spec.monitor.wandb.mode
     if mode not in (None, "online", "offline", "disabled"):
         problems.append(f"monitor.wandb.mode: {mode!r} is not online, offline, disabled or null")
@@ -344,6 +358,27 @@ def validate(spec: RunSpec) -> list[str]:
     _check_min(problems, spec.sample, "sample", 1, "top_k")
     if not spec.name or "/" in spec.name:
         problems.append(f"name: must be a non-empty name without '/', got {spec.name!r}")
+    return problems
+
+
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+def _eval_problems(spec: RunSpec) -> list[str]:
+    """eval.sets and eval.tasks: names that make clean metric names, values that are paths."""
+    e, problems = spec.eval, []
+    for section in ("sets", "tasks"):
+        for name, value in getattr(e, section).items():
+            if not name or not set(name) <= NAME_CHARS:
+                problems.append(
+                    f"eval.{section}: name {name!r} must be letters, digits, '_', '-' or '.' "
+                    f"(it becomes a metric name)"
+                )
+            if not value:
+                problems.append(f"eval.{section}.{name}: empty; give a path")
+    if e.monitor is not None and e.monitor not in e.sets:
+        known = ", ".join(e.sets) or "none: eval.sets is empty"
+        problems.append(f"eval.monitor: {e.monitor!r} is not a name in eval.sets ({known})")
     return problems
 
 

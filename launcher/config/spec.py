@@ -49,6 +49,18 @@ class DataConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """A torch profiler trace of `steps` optimizer steps from step `start`, every rank writing
+    out_dir/profile/rank<N>.pt.trace.json (TensorBoard or https://ui.perfetto.dev)."""
+
+    steps: int = 0
+    """Steps recorded; 0 = no profile."""
+    start: int = 10
+    """The first step recorded (counted from 1, like the logged steps); steps before it warm up
+    the kernels and allocator so the trace shows the steady state."""
+
+
+@dataclass
 class TrainConfig:
     """Optimisation: batch sizes, AdamW, the LR schedule, logging cadence."""
 
@@ -84,6 +96,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model inside the DeepSpeed engine (engine.compile()): fused kernels
     after a compilation of some seconds to minutes in the first steps."""
+    profile: ProfileConfig = field(default_factory=lambda: ProfileConfig())
+    """A torch profiler trace of a few steps, written to out_dir/profile."""
 
     @property
     def time_limit_s(self) -> float | None:
@@ -92,7 +106,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Validation loss during training."""
+    """Validation loss (one or several named sets) and downstream tasks during training."""
 
     interval: int = 100
     """Steps between evaluations (and after the last step); 0 disables evaluation."""
@@ -104,6 +118,21 @@ class EvalConfig:
     """Overfitting: how far above its best val must be for an evaluation to count as a rise."""
     early_stop: bool = False
     """On overfitting, save a final checkpoint and stop cleanly."""
+    sets: dict[str, str] = field(default_factory=dict)
+    """Named val sets {name: PREFIX}, each logged as Loss/val/<name> (the monitored one also as
+    Loss/val); the value `data.val` is the run's own val split (data.val, or val_fraction of the
+    train sources). Empty = that split alone, logged as Loss/val."""
+    monitor: str | None = None
+    """The set (a name in eval.sets) the overfitting detector and the `best` checkpoint follow;
+    null = the first."""
+    tasks: dict[str, str] = field(default_factory=dict)
+    """Downstream tasks {name: FILE.jsonl}: multiple choice ({context, endings, label}) or last
+    word ({text}), scored as lm-evaluation-harness does and logged as Eval/<name>/acc, ..."""
+    tasks_interval: int | None = None
+    """Steps between downstream-task evaluations (and after the last step); null = eval.interval,
+    0 = only after the last step."""
+    tasks_limit: int | None = None
+    """Examples scored per task (the first ones); null = all."""
 
 
 @dataclass
@@ -168,6 +197,12 @@ class MonitorConfig:
     peak (CPUs)."""
     detailed_timing: bool = True
     """Time forward and backward separately (CUDA events on GPUs, no extra synchronisation)."""
+    tensorboard: bool = False
+    """Every metric to TensorBoard event files in out_dir/tensorboard (also on when the DeepSpeed
+    JSON's `tensorboard` section is enabled: then in its output_path/job_name)."""
+    csv: bool = False
+    """Every metric to CSV files in out_dir/csv (also on when the DeepSpeed JSON's `csv_monitor`
+    section is enabled: then in its output_path/job_name)."""
 
 
 @dataclass
