@@ -17,6 +17,7 @@ COMMANDS = {
     "check": ("launcher.check", "check a run before launching it; memory per ZeRO stage"),
     "prepare": ("data_pipeline.prepare", "tokenize a corpus into an indexed dataset"),
     "data": ("data_pipeline.inspection", "describe (info) or check (verify) an indexed dataset"),
+    "eval": ("launcher.evaluate", "loss, perplexity and task scores of a checkpoint, as JSON"),
     "sample": ("launcher.sample", "generate text from a run or an exported model"),
     "export": ("launcher.export", "export a checkpoint to the Hugging Face layout"),
     "ckpt": ("launcher.ckpt", "list or verify a run's checkpoints"),

@@ -16,7 +16,9 @@ import torch.distributed as dist
 from launcher.checkpoints import hf, store
 from launcher.checkpoints.contract import CheckpointMeta
 from launcher.config.load import spec_to_dict
+from launcher.config.spec import EvalConfig
 from launcher.errors import EXIT_DIVERGED, EXIT_REQUEUE, EXIT_USER_ERROR
+from launcher.evaluation.tasks import score
 from launcher.evaluation.val_loss import evaluate
 from launcher.monitoring import mfu
 from launcher.monitoring.metrics import Reporter, Throughput, data_metrics
@@ -28,6 +30,7 @@ from launcher.training.divergence import Diverged, DivergenceWatch, advice, deco
 from launcher.training.engine import build_engine, set_lr
 from launcher.training.memory import engine_state_bytes
 from launcher.training.plan import RunPlan
+from launcher.training.profile import StepProfiler
 from launcher.training.schedule import lr_at
 from launcher.training.step import Batches, train_step
 from model.gpt import GPT, flops_per_token, recompute_fraction
@@ -61,10 +64,12 @@ class Session:
     device: torch.device
     engine: Any
     batches: Batches
-    val_batches: Batches | None
+    val_batches: dict[str, Batches]
+    """One rank's batches of each val set (empty: no evaluation)."""
     reporter: Reporter
     stopper: Stopper
     watch: DivergenceWatch
+    profiler: StepProfiler
     writer: Any = None
     """The engine's AsyncWriter when checkpoints are written asynchronously."""
     pending: store.Pending | None = None
@@ -85,7 +90,10 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
     reporter = _reporter(plan, device, started_at, state.step)
     watch = DivergenceWatch(device, watch_grad_norm=plan.engine.precision != "fp16")
     stopper = _stopper(plan, device, started_at)
-    session = Session(plan, device, engine, batches, val_batches, reporter, stopper, watch)
+    profiler = StepProfiler(spec.train.profile, spec.run_dir, env.rank, device, state.step)
+    session = Session(
+        plan, device, engine, batches, val_batches, reporter, stopper, watch, profiler
+    )
     if spec.checkpoint.async_save:
         session.writer = engine.checkpoint_engine
     try:
@@ -97,6 +105,9 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
         state.error = advice(e, reporter.last_finite, latest, spec.train.grad_clip)
         state.exit_code = EXIT_DIVERGED
     finally:
+        summary = profiler.close()
+        if summary is not None:
+            print(summary, flush=True)
         reporter.finish()
     write_memory_report(engine, plan)
     return engine, state
@@ -159,10 +170,15 @@ def _reporter(plan: RunPlan, device: torch.device, started_at: float, step: int)
 
 
 def _sinks(plan: RunPlan, resume_step: int) -> Sinks:
-    spec = plan.spec
-    config = {"spec": spec_to_dict(spec), "ds_config": plan.engine.ds_config}
-    wandb = WandbSink(spec.monitor.wandb, spec.name, spec.run_dir, plan.run_id, config)
-    return Sinks(MetricsLog(spec.run_dir / "metrics.jsonl", resume_step), wandb)
+    """metrics.jsonl, wandb, and the TensorBoard and CSV files the spec or the DeepSpeed JSON's
+    `tensorboard` / `csv_monitor` sections turn on (engine.py keeps those from DeepSpeed)."""
+    from launcher.monitoring.sinks import file_sinks
+
+    spec, ds_config = plan.spec, plan.engine.ds_config
+    config = {"spec": spec_to_dict(spec), "ds_config": ds_config}
+    wandb = WandbSink(spec.monitor.wandb, spec.name, spec.run_dir, plan.run_id, config, resume_step)
+    files = file_sinks(spec.monitor, ds_config, spec.run_dir, resume_step)
+    return Sinks(MetricsLog(spec.run_dir / "metrics.jsonl", resume_step), wandb, files)
 
 
 def _stopper(plan: RunPlan, device: torch.device, started_at: float) -> Stopper:
@@ -189,17 +205,20 @@ def checkpoint_bytes(plan: RunPlan) -> int:
     return int(params + (est.optimizer + est.cpu) * world)
 
 
-def _batches(plan: RunPlan, device: torch.device) -> tuple[Batches, Batches | None]:
+def _batches(plan: RunPlan, device: torch.device) -> tuple[Batches, dict[str, Batches]]:
     """Index the samples the whole run will read (local rank 0 builds, the others wait)."""
     spec, env, engine = plan.spec, plan.env, plan.engine
     builder = env.local_rank == 0
     plan.data.train.prepare(spec.train.max_steps * engine.train_batch_size, is_builder=builder)
     layout = (engine.micro_batch_size, engine.grad_accum_steps, env.world_size, env.rank, device)
     batches = Batches(plan.data.train, *layout)
-    if plan.data.val is None or not spec.eval.interval:
-        return batches, None
-    plan.data.val.prepare(spec.eval.batches * engine.micro_batch_size * env.world_size, builder)
-    return batches, Batches(plan.data.val, *layout)
+    if not spec.eval.interval:
+        return batches, {}
+    val_batches = {}
+    for name, samples in plan.data.val_sets.items():
+        samples.prepare(spec.eval.batches * engine.micro_batch_size * env.world_size, builder)
+        val_batches[name] = Batches(samples, *layout)
+    return batches, val_batches
 
 
 def _loop(s: Session, state: TrainState) -> None:
@@ -218,10 +237,12 @@ def _loop(s: Session, state: TrainState) -> None:
             _stop(s, state, reason)
             return
         set_lr(s.engine, lr_at(state.step, t))
+        s.profiler.step_started(state.step + 1)
         s.reporter.step_started()
         loss = train_step(s.engine, s.batches, state.step, t.grad_accum_steps, s.reporter.timer)
         s.reporter.step_done(loss)
         state.step += 1
+        s.profiler.step_done(state.step)
         s.watch.observe(state.step, loss.mean, s.engine.get_global_grad_norm())
         state.consumed_samples += s.plan.engine.train_batch_size
         last = state.step == t.max_steps
@@ -244,15 +265,54 @@ def _loop(s: Session, state: TrainState) -> None:
 
 
 def _record(s: Session, state: TrainState, last: bool) -> dict:
-    """The metrics of this step: train metrics at log steps, val at evaluation steps."""
+    """The metrics of this step: train metrics at log steps, val at evaluation steps,
+    downstream tasks at task steps; every record carries the tokens trained so far."""
     spec, step = s.plan.spec, state.step
     record: dict[str, float] = {}
     if step % spec.train.log_interval == 0 or last:
         record |= s.reporter.train_record(step, lr_at(step - 1, spec.train))
         record |= data_metrics(s.plan.data.train, state.consumed_samples)
     if s.val_batches and (step % spec.eval.interval == 0 or last):
-        val = evaluate(s.engine, s.val_batches, spec.eval.batches)
-        record |= s.reporter.val_record(step, val)
+        record |= _val_record(s, step)
+    if s.plan.data.tasks and (last or _every(step, tasks_interval(spec.eval))):
+        record |= _task_record(s)
+    if record:
+        record["Training/tokens"] = state.consumed_samples * spec.model.block_size
+    return record
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def tasks_interval(e: EvalConfig) -> int:
+    """Steps between downstream-task evaluations: eval.tasks_interval, else eval.interval."""
+    return e.tasks_interval if e.tasks_interval is not None else e.interval
+
+
+def _val_record(s: Session, step: int) -> dict:
+    """Each val set's loss (Loss/val/<name> when eval.sets names them); the monitored one as
+    Loss/val, which the overfitting detector and `best` follow."""
+    spec, data = s.plan.spec, s.plan.data
+    losses = {name: evaluate(s.engine, b, spec.eval.batches) for name, b in s.val_batches.items()}
+    record = s.reporter.val_record(step, losses[data.monitor])
+    if spec.eval.sets:
+        record |= {f"Loss/val/{name}": loss for name, loss in losses.items()}
+    return record
+
+
+def _task_record(s: Session) -> dict:
+    """Every downstream task scored by every rank's share of its examples: Eval/<task>/<metric>."""
+    env, engine = s.plan.env, s.engine
+    forward = lambda x: engine(x)[0]  # noqa: E731 - logits of every position
+    record = {}
+    engine.eval()
+    for task in s.plan.data.tasks:
+        scores = score(
+            task, forward, s.plan.engine.micro_batch_size, s.device, env.rank, env.world_size
+        )
+        record |= {f"Eval/{task.name}/{k}": v for k, v in scores.items() if k != "n"}
+    engine.train()
     return record
 
 

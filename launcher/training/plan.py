@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from data_pipeline.foreign import declared_tokenizer, describe_spec, has_text
-from data_pipeline.gpt_dataset import BlendedSamples
+from data_pipeline.gpt_dataset import BlendedSamples, DocumentRange
 from data_pipeline.loader import (
     DataError,
     Source,
@@ -41,6 +41,7 @@ from launcher.config.load import load_spec
 from launcher.config.paths import DEFAULT_SPEC, display_path
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError, combined
+from launcher.evaluation.tasks import Task, load_tasks
 from launcher.runtime.distributed import DistEnv, bf16_supported, detect_env, device_type
 from launcher.training.memory import GIB, Estimate, estimate
 
@@ -59,9 +60,20 @@ class DataPlan:
     sources: list[Source]
     tokenizer: Tokenizer
     train: BlendedSamples
-    val: BlendedSamples | None
+    val_sets: dict[str, BlendedSamples] = field(default_factory=dict)
+    """The named val sets, in the spec's order (one named `val` without eval.sets); empty when
+    evaluation is off."""
+    monitor: str | None = None
+    """The val set logged as Loss/val: the overfitting detector and `best` follow it."""
     tokenizer_identity: dict = field(default_factory=dict)
     """What every checkpoint of the run records of its tokenizer (tokenizers.identity)."""
+    tasks: list[Task] = field(default_factory=list)
+    """Downstream tasks (eval.tasks), read and tokenized in pre-flight."""
+
+    @property
+    def val(self) -> BlendedSamples | None:
+        """The monitored val set."""
+        return self.val_sets.get(self.monitor) if self.monitor else None
 
     @property
     def vocab_size(self) -> int:
@@ -206,6 +218,10 @@ def _check_prompt(spec: RunSpec, tokenizer: Tokenizer, warnings: list[str]) -> R
     return spec
 
 
+OWN_SPLIT = "data.val"
+"""The value of an eval.sets entry that names the run's own val split."""
+
+
 def open_data(spec: RunSpec, is_builder: bool = True) -> DataPlan:
     """Open every source, check they share a tokenizer and can fill samples of block_size.
     Datasets made elsewhere have their token ids scanned once (cached beside the sample index:
@@ -216,6 +232,9 @@ def open_data(spec: RunSpec, is_builder: bool = True) -> DataPlan:
     except TokenizerError as e:
         message = str(e).removeprefix(f"--tokenizer {d.tokenizer}: ")  # prepare's flag
         raise UserError(f"data.tokenizer={d.tokenizer}: {message}") from e
+    need_val = spec.eval.interval > 0
+    sets = spec.eval.sets or {"val": OWN_SPLIT}
+    own_split = need_val and OWN_SPLIT in sets.values()
     try:
         train = [open_source(s.path, s.weight, declared) for s in d.train]
         val = None
@@ -223,15 +242,68 @@ def open_data(spec: RunSpec, is_builder: bool = True) -> DataPlan:
             val = [open_source(s.path, s.weight, declared) for s in d.val]
         tokenizer = run_tokenizer(train + (val or []))
         check_foreign_ids(train + (val or []), tokenizer, d.index_cache, is_builder)
-        need_val = spec.eval.interval > 0
-        train_ranges, val_ranges = split_ranges(train, val, d.val_fraction, need_val)
+        train_ranges, val_ranges = split_ranges(train, val, d.val_fraction, own_split)
         train_samples = build_samples(train_ranges, train, seq, seed, d.index_cache)
-        val_samples = None
+        own = None
         if val_ranges is not None:
-            val_samples = build_samples(val_ranges, val or train, seq, seed, d.index_cache)
+            own = build_samples(val_ranges, val or train, seq, seed, d.index_cache)
+        val_sets = {}
+        if need_val:
+            named = {name: p for name, p in sets.items() if p != OWN_SPLIT}
+            opened = _open_val_sets(named, train[0], tokenizer, declared, spec, is_builder)
+            val_sets = {n: own if p == OWN_SPLIT else opened[n] for n, p in sets.items()}
     except DataError as e:
         raise UserError(f"data: {e}") from e
-    return DataPlan(train, tokenizer, train_samples, val_samples, identity(tokenizer))
+    monitor = (spec.eval.monitor or next(iter(sets))) if val_sets else None
+    plan = DataPlan(train, tokenizer, train_samples, val_sets, monitor, identity(tokenizer))
+    plan.tasks = _load_tasks(spec, tokenizer)
+    return plan
+
+
+def _open_val_sets(
+    sets: dict[str, str],
+    first: Source,
+    tokenizer: Tokenizer,
+    declared: Tokenizer | None,
+    spec: RunSpec,
+    is_builder: bool,
+) -> dict[str, BlendedSamples]:
+    """eval.sets' datasets, each read whole, each tokenized as the training data is."""
+    mine, problems, opened = identity(tokenizer), [], {}
+    for name, prefix in sets.items():
+        try:
+            source = open_source(prefix, 1.0, declared)
+            theirs = identity(run_tokenizer([source]))
+            if not same_identity(theirs, mine):
+                raise DataError(
+                    f"{source.prefix} was tokenized with {describe_identity(theirs)}, but the "
+                    f"training data ({first.prefix}) with {describe_identity(mine)}: its loss "
+                    "would read token ids as other text. Prepare it with the training data's "
+                    "tokenizer"
+                )
+            check_foreign_ids([source], tokenizer, spec.data.index_cache, is_builder)
+            ranges = [DocumentRange(source.dataset, 0, source.dataset.num_documents)]
+            seq, seed, cache = spec.model.block_size, spec.train.seed, spec.data.index_cache
+            opened[name] = build_samples(ranges, [source], seq, seed, cache)
+        except DataError as e:
+            problems.append(f"eval.sets.{name}: {e}")
+    if problems:
+        raise UserError("\n".join(problems), problems)
+    return opened
+
+
+def _load_tasks(spec: RunSpec, tokenizer: Tokenizer) -> list[Task]:
+    """eval.tasks read, checked and tokenized now: a bad line stops the run before it starts."""
+    e = spec.eval
+    if not e.tasks:
+        return []
+    if not has_text(tokenizer):
+        raise UserError(
+            f"eval.tasks: data.tokenizer={spec.data.tokenizer} gives only a vocabulary size, no "
+            "text to encode a task's examples with; set it to the tokenizer the data was made "
+            "with (tiktoken:NAME, sentencepiece:MODEL_FILE or hf:PATH), or remove eval.tasks"
+        )
+    return load_tasks(e.tasks, tokenizer, spec.model.block_size, e.tasks_limit)
 
 
 def _attempt(problems: list[str], check):
