@@ -286,8 +286,21 @@ def evaluate(plan: EvalPlan, engine: Any, device: Any, rank: int, world_size: in
     return result
 
 
+def _result_stream() -> Any:
+    """Stdout for the JSON result alone: everything else anything prints (DeepSpeed's logging,
+    extension builds, at the file-descriptor level too) goes to stderr from here on."""
+    import os
+
+    sys.stdout.flush()
+    result = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    out = _result_stream()
     from launcher.runtime.distributed import detect_env
 
     env = detect_env()
@@ -323,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(text + "\n")
-        print(text, flush=True)
         print(_summary(result), file=sys.stderr, flush=True)
+        print(text, file=out, flush=True)
     return exit_together(0)
 
 
@@ -337,7 +350,7 @@ def _summary(result: dict) -> str:
         lines.append(f"  {name}: loss {d['loss']:.4f}, perplexity {d['perplexity']:.2f} "
                      f"({d['samples']} samples, {d['tokens']:,} tokens)")  # fmt: skip
     for name, t in result["tasks"].items():
-        scores = ", ".join(f"{k} {v:.4f}" for k, v in t.items() if k not in ("n", "file"))
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in t.items() if k not in ("n", "file"))
         lines.append(f"  {name}: {scores} ({t.get('n', '?')} examples)")
     return "\n".join(lines)
 

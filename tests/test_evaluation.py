@@ -113,13 +113,13 @@ def test_profile_of_two_steps(evaluated: dict) -> None:
 
 
 def _eval(*args: str, ranks: int = 0) -> dict:
-    """`zerolaunch eval` (or 2 ranks under the deepspeed runner); its JSON."""
-    if ranks:
-        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()),
-               "launcher/evaluate.py", *args]  # fmt: skip
-    else:
-        cmd = [ZEROLAUNCH, "eval", *args]
-    lines = run(cmd, timeout=300).stdout.splitlines()  # the runner adds lines of its own
+    """`zerolaunch eval` (stdout: the JSON alone), or 2 ranks under the deepspeed runner (which
+    prints lines of its own); the JSON result."""
+    if not ranks:
+        return json.loads(run([ZEROLAUNCH, "eval", *args], timeout=300).stdout)
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()),
+           "launcher/evaluate.py", *args]  # fmt: skip
+    lines = run(cmd, timeout=300).stdout.splitlines()
     start, end = lines.index("{"), lines.index("}")
     return json.loads("\n".join(lines[start : end + 1]))
 
