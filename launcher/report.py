@@ -2,8 +2,9 @@
 
     python -m launcher.report runs/NAME
 
-Panels: train and val loss against tokens seen (best val and overfitting onset marked),
-tokens/s, MFU, and the learning rate, each against the step.
+Panels: train and val loss against tokens seen (best val and overfitting onset marked, each
+eval.sets curve beside val), tokens/s, MFU, and the learning rate, each against the step; and
+when the run scored downstream tasks, every task's accuracy against the step.
 """
 
 from __future__ import annotations
@@ -46,20 +47,50 @@ def plot(run_dir: Path) -> Path:
     spec = yaml.safe_load(spec_file.read_text()) if spec_file.exists() else {}
     block = (spec.get("model") or {}).get("block_size") or 1
     for r in records:
-        if "consumed_samples" in r:
+        if "Training/tokens" in r:
+            r["tokens"] = r["Training/tokens"]
+        elif "consumed_samples" in r:  # a run from before Training/tokens
             r["tokens"] = r["consumed_samples"] * block
     tokens_at = {r["step"]: r["tokens"] for r in records if "tokens" in r}
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    accuracies = task_accuracies(records)
+    rows = 3 if accuracies else 2
+    fig = plt.figure(figsize=(13, 4.25 * rows))
+    grid = fig.add_gridspec(rows, 2)
+    axes = [[fig.add_subplot(grid[row, col]) for col in range(2)] for row in range(2)]
     _loss_panel(axes[0][0], records, events, tokens_at)
     _panel(axes[0][1], *_series(records, "Timing/tokens_per_sec"), "tokens/s (all ranks)", "C2")
     _panel(axes[1][0], *_series(records, "Loss/mfu"), "MFU (%)", "C3")
     _panel(axes[1][1], *_series(records, "Training/lr"), "learning rate", "C4")
+    if accuracies:
+        _tasks_panel(fig.add_subplot(grid[2, :]), records, accuracies)
     fig.suptitle(f"{spec.get('name', run_dir.name)} ({run_dir})")
     fig.tight_layout()
     out = run_dir / "report.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def task_accuracies(records: list[dict]) -> dict[str, list[str]]:
+    """{task: its logged accuracy metrics}: `Eval/<task>/acc` and `Eval/<task>/acc_norm`."""
+    tasks: dict[str, list[str]] = {}
+    for name in sorted({key for r in records for key in r}):
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] == "Eval" and parts[2] in ("acc", "acc_norm"):
+            tasks.setdefault(parts[1], []).append(name)
+    return tasks
+
+
+def _tasks_panel(ax, records: list[dict], accuracies: dict[str, list[str]]) -> None:
+    for i, (task, names) in enumerate(accuracies.items()):
+        for name in names:
+            style = "o--" if name.endswith("acc_norm") else "o-"
+            label = f"{task} {name.rsplit('/', 1)[1]}"
+            ax.plot(*_series(records, name), style, color=f"C{i % 10}", markersize=3, label=label)
+    ax.set_title("downstream tasks: accuracy (acc solid, acc_norm dashed)")
+    ax.set_xlabel("step")
+    ax.legend(ncol=min(4, sum(len(n) for n in accuracies.values())), fontsize="small")
+    ax.grid(alpha=0.3)
 
 
 def _panel(ax, xs: list, ys: list, title: str, color: str) -> None:
@@ -84,6 +115,11 @@ def _loss_panel(ax, records: list[dict], events: list[dict], tokens_at: dict) ->
             markeredgecolor="k",
             label=f"best val {val_y[best]:.4f}",
         )
+    val_sets = sorted({k for r in records for k in r if k.startswith("Loss/val/")})
+    for i, name in enumerate(val_sets):
+        label = f"val {name.removeprefix('Loss/val/')}"
+        xs, ys = _series(records, name, "tokens")
+        ax.plot(xs, ys, ".:", label=label, color=f"C{(i + 5) % 10}", markersize=3)
     for event in events:
         if event["event"] == "overfitting" and event["step"] in tokens_at:
             ax.axvline(

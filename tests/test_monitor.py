@@ -1,19 +1,41 @@
-"""The training monitor: metric names in real wandb files, MFU, overfitting, the report."""
+"""The training monitor: metric names in real wandb files, TensorBoard and CSV files, MFU,
+overfitting, the report."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import os
+import signal
+import struct
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEEPSPEED, PYTHON, overrides, read_metrics, run
-from wandb_file import alerts, history, run_record
+from conftest import DEEPSPEED, PYTHON, REPO, free_port, overrides, read_metrics, run
+from wandb_file import alerts, config, declared_metrics, history, run_record
 
 from launcher.checkpoints import store
+from launcher.config.spec import WandbConfig
 from launcher.monitoring import mfu
 from launcher.monitoring.overfit import OverfitDetector
-from launcher.monitoring.sinks import resolve_wandb_mode
+from launcher.monitoring.sinks import (
+    CsvSink,
+    MetricsLog,
+    Sinks,
+    TensorBoardSink,
+    WandbSink,
+    csv_file_name,
+    monitor_dir,
+    resolve_wandb_mode,
+    wandb_summary,
+)
+from launcher.report import task_accuracies
+from launcher.training.engine import deepspeed_config
 from model.gpt import GPTConfig, flops_per_token
 
 NAMES = [
@@ -171,6 +193,106 @@ def test_wandb_mode_defaults(monkeypatch, tmp_path: Path) -> None:
     assert resolve_wandb_mode("online") == "online"  # the spec, when it says, wins
 
 
+def test_tensorboard_and_csv_go_where_the_spec_or_the_deepspeed_json_says(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert monitor_dir(False, None, out, "tensorboard") is None
+    assert monitor_dir(True, None, out, "tensorboard") == out / "tensorboard"
+    assert monitor_dir(True, {"enabled": False, "output_path": "/x"}, out, "csv") == out / "csv"
+    section = {"enabled": True, "output_path": "/logs", "job_name": "gpt"}
+    assert monitor_dir(False, section, out, "tensorboard") == Path("/logs/gpt")  # it wins
+    assert monitor_dir(True, {"enabled": True}, out, "csv") == out / "DeepSpeedJobName"
+    # DeepSpeed gets neither section: it would write its own 3 metrics into the same directory.
+    ds = {"train_batch_size": 16, "tensorboard": section, "csv_monitor": section, "bf16": {}}
+    assert deepspeed_config(ds) == {"train_batch_size": 16, "bf16": {}}
+    assert "tensorboard" in ds  # the run's ds_config.json keeps them
+    assert csv_file_name("Loss/val/wiki") == "Loss_val_wiki.csv"
+
+
+def test_wandb_summaries_say_what_matters_of_each_metric() -> None:
+    assert [wandb_summary(n) for n in ("Loss/val", "Loss/val/wiki", "Loss/perplexity_val")] == [
+        "min"
+    ] * 3
+    assert [wandb_summary(n) for n in ("Eval/hellaswag/acc", "Eval/hellaswag/acc_norm")] == [
+        "max"
+    ] * 2
+    assert wandb_summary("Eval/lambada/ppl") == "min"
+    assert wandb_summary("Training/tokens") == "max"
+    assert {wandb_summary(n) for n in ("Loss/train", "Loss/val_train_gap", "Loss/best_val")} == {
+        None
+    }
+
+
+def test_a_failing_tensorboard_or_csv_writer_warns_once_and_logging_goes_on(
+    tmp_path: Path, capsys
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # no directory can be made under it
+    wandb = WandbSink(WandbConfig(enabled=False), "t", tmp_path, "id", {}, 0)
+    files = [TensorBoardSink(blocker / "tb", 0), CsvSink(blocker / "csv", 0)]
+    sinks = Sinks(MetricsLog(tmp_path / "metrics.jsonl", 0), wandb, files)
+    for step in (1, 2):
+        sinks.write(step, {"Loss/train": 1.0 / step})
+    sinks.finish()
+    err = capsys.readouterr().err
+    assert err.count("warning: TensorBoard") == 1 and err.count("warning: CSV") == 1
+    assert "metrics.jsonl still has every metric" in err
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_a_refused_wandb_rewind_resumes_the_run_as_it_stands(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import wandb
+
+    real_init = wandb.init
+
+    def init(**kwargs):  # what the server answers for a run it cannot rewind
+        if "resume_from" in kwargs:
+            raise wandb.errors.CommError("failed to rewind run: run not found")
+        return real_init(**kwargs)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sink = WandbSink(WandbConfig(), "t", tmp_path, "norewind", {}, resume_step=20)
+    sink.log({"Loss/train": 2.0, "Training/tokens": 2048}, step=21)
+    sink.finish()
+    assert "wandb refused to rewind run norewind to step 20" in capsys.readouterr().err
+    path = wandb_file(tmp_path)
+    assert run_record(path).run_id == "norewind" and "branch_point" not in config(path)["_wandb"]
+    assert [r["_step"] for r in history(path)] == [21]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    return struct.unpack(">II", path.read_bytes()[16:24])
+
+
+def test_the_report_shows_downstream_tasks_and_val_sets_when_logged(tmp_path: Path) -> None:
+    records = []
+    for step in range(10, 110, 10):
+        r = {"step": step, "Loss/train": 3 - step / 50, "Loss/val": 3.2 - step / 60,
+             "Loss/val/code": 3.5 - step / 70, "Training/tokens": step * 1024,
+             "Timing/tokens_per_sec": 1e4, "Loss/mfu": 30.0, "Training/lr": 1e-3}  # fmt: skip
+        if step % 20 == 0:
+            r |= {"Eval/hellaswag/acc": 0.25 + step / 1000, "Eval/hellaswag/acc_norm": 0.26,
+                  "Eval/lambada/acc": step / 500, "Eval/lambada/ppl": 900 - step}  # fmt: skip
+        records.append(r)
+    assert task_accuracies(records) == {
+        "hellaswag": ["Eval/hellaswag/acc", "Eval/hellaswag/acc_norm"],
+        "lambada": ["Eval/lambada/acc"],
+    }
+    heights = {}
+    for name, rows in [
+        ("tasks", records),
+        ("none", [{k: v for k, v in r.items() if not k.startswith("Eval/")} for r in records]),
+    ]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        report = run([PYTHON, "-m", "launcher.report", str(tmp_path / name)])
+        assert report.stdout.strip() == str(tmp_path / name / "report.png")
+        heights[name] = png_size(tmp_path / name / "report.png")[1]
+    assert heights == {"tasks": 1402, "none": 935}  # a third row of panels for the tasks
+
+
 # --------------------------------------------------------------------- real runs
 
 # A small model on ~6 KB of text with a different held-out document: it memorises the train
@@ -228,29 +350,59 @@ def wandb_file(run_dir: Path, index: int = -1) -> Path:
     return files[index]
 
 
+def crash_when(proc: subprocess.Popen, ready: Callable[[], bool]) -> None:
+    """SIGKILL the whole launch (launcher, ranks, wandb's service) once `ready()`."""
+    deadline = time.monotonic() + 180
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
+def scalars(log_dir: Path) -> dict[str, list]:
+    """What TensorBoard shows: {tag: [(step, value)]}, purges applied."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+
+
+def csv_rows(path: Path) -> tuple[list[str], list[tuple[int, float]]]:
+    header, *rows = list(csv.reader(path.open(newline="")))
+    return header, [(int(step), float(value)) for step, value in rows]
+
+
 @pytest.mark.integration
-def test_two_rank_run_logs_every_metric_detects_overfitting_and_resumes_the_same_wandb_run(
+def test_two_rank_run_logs_every_metric_detects_overfitting_and_resumes_after_a_crash(
     memorise_data: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "run"
-    cmd = [DEEPSPEED, "--num_gpus", "2", "launcher/run.py", "--ds_config", "ds_configs/zero2.json"]
-    items = [*MEMORISE, f"data.train={memorise_data}", f"out_dir={out}"]
+    out, tb_dir = tmp_path / "run", tmp_path / "tb" / "memorise"
+    # TensorBoard through the DeepSpeed JSON's own section, CSV through the spec.
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds["tensorboard"] = {"enabled": True, "output_path": str(tb_dir.parent), "job_name": "memorise"}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launcher/run.py",
+           "--ds_config", str(tmp_path / "ds.json")]  # fmt: skip
+    items = [*MEMORISE, f"data.train={memorise_data}", f"out_dir={out}", "monitor.csv=true"]
     first = run([*cmd, *overrides(*items, "train.max_steps=200", "eval.early_stop=true")])
     assert "the model is overfitting" in first.stderr and "early stop at step" in first.stdout
 
     # metrics.jsonl: every name, the overfitting event, the stop right there.
-    metrics = read_metrics(out)
-    event = next(m for m in metrics if m.get("event") == "overfitting")
-    logged = [m for m in metrics if "Loss/train" in m]
+    records = read_metrics(out)
+    event = next(m for m in records if m.get("event") == "overfitting")
+    logged = [m for m in records if "Loss/train" in m]
     assert logged[-1]["step"] == event["step"] < 200
     assert event["best_step"] < event["step"] and event["best_val"] == min(
-        m["Loss/val"] for m in metrics if "Loss/val" in m
+        m["Loss/val"] for m in records if "Loss/val" in m
     )
     assert store.read_pointer(out / "checkpoints", "best") == f"global_step{event['best_step']}"
     assert (out / "checkpoints" / f"global_step{event['step']}" / store.META_FILE).exists()
 
     # The real offline wandb file holds the same metrics.
-    rows = [r for r in history(wandb_file(out)) if "Loss/train" in r]
+    first_file = wandb_file(out)
+    rows = [r for r in history(first_file) if "Loss/train" in r]
     assert [r["_step"] for r in rows] == [m["step"] for m in logged]
     for name in NAMES:
         assert name in set().union(*rows), name
@@ -263,21 +415,75 @@ def test_two_rank_run_logs_every_metric_detects_overfitting_and_resumes_the_same
             math.exp(row["Loss/val"])
         )
         assert row["Memory/peak_gib"] > 0 and row["Timing/dtf_avg"] < row["Timing/dt_avg"]
-    assert [a.title for a in alerts(wandb_file(out))] == ["Overfitting"]
-    run_id = run_record(wandb_file(out)).run_id
+    assert [a.title for a in alerts(first_file)] == ["Overfitting"]
+    run_id = run_record(first_file).run_id
     assert run_id == store.read_meta(out / "checkpoints" / f"global_step{event['step']}").run_id
+    declared = declared_metrics(first_file)
+    assert declared["Training/tokens"].summary.max and declared["Loss/val"].summary.min
 
-    # Resume: same wandb run id, no second alert, training continues past the stop.
-    second = run([*cmd, *overrides(*items, f"train.max_steps={event['step'] + 10}")])
-    assert "resumed from" in second.stdout
-    assert run_record(wandb_file(out, -1)).run_id == run_id
-    assert len(list(out.glob("wandb/offline-run-*"))) == 2
-    assert "overfitting" not in second.stderr
+    # A resumed launch crashes (SIGKILL) after logging steps past its checkpoint; the next one
+    # logs those steps again.
+    saved = event["step"]
+    every_step = ["train.log_interval=1", "checkpoint.interval=0"]
+    # wandb-core writes the offline file every 15 s: every 0.2 s here, so the crash finds rows
+    # past the checkpoint in it (online, they would have reached the server).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
+           "WANDB__TRANSACTION_LOG_FLUSH_INTERVAL": "0.2"}  # fmt: skip
+    crashed = subprocess.Popen(
+        [*cmd, *overrides(*items, *every_step, f"train.max_steps={saved + 1000}")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+    def rows_written() -> list[dict]:
+        files = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
+        return history(files[1]) if len(files) == 2 and files[1].stat().st_size > 7 else []
+
+    crash_when(crashed, lambda: len(rows_written()) >= 3)
+    assert store.read_pointer(out / "checkpoints", store.LATEST) == f"global_step{saved}"
+    # What the crash left past the checkpoint, in every sink (TensorBoard: a purge to come).
+    assert max(step for step, _ in scalars(tb_dir)["Loss/train"]) >= saved + 3
+    assert csv_rows(out / "csv" / "Loss_train.csv")[1][-1][0] >= saved + 3
+    second = run([*cmd, *overrides(*items, *every_step, f"train.max_steps={saved + 10}")])
+    assert "resumed from" in second.stdout and "overfitting" not in second.stderr
+    assert len(list(out.glob("wandb/offline-run-*"))) == 3
+
+    # wandb: the resumed launch rewinds the same run to the checkpoint's step, so the history
+    # the server shows is the rows up to it, then the resumed launch's.
+    crashed_file, resumed_file = wandb_file(out, 1), wandb_file(out, 2)
+    crashed_rows = [r["_step"] for r in history(crashed_file)]
+    assert crashed_rows[:3] == [saved + 1, saved + 2, saved + 3]  # flushed before the kill
+    assert run_record(resumed_file).run_id == run_id
+    assert config(resumed_file)["_wandb"]["branch_point"] == {"run_id": run_id, "step": saved}
+    assert declared_metrics(resumed_file)["Training/tokens"].summary.max
+    resumed = history(resumed_file)
+    assert [r["_step"] for r in resumed] == list(range(saved + 1, saved + 11))
+    kept = [r["_step"] for r in history(first_file) + history(crashed_file) if r["_step"] <= saved]
+    shown = kept + [r["_step"] for r in resumed]
+    assert shown == sorted(set(shown))  # strictly increasing: nothing logged twice
+    final = [m for m in read_metrics(out) if "Loss/train" in m]
+    assert [r["Loss/train"] for r in resumed] == [m["Loss/train"] for m in final[-10:]]
+
+    # TensorBoard and CSV: every metric, the crashed launch's steps past the checkpoint gone.
+    shown_tb, csv_dir = scalars(tb_dir), out / "csv"
+    names = set().union(*(m.keys() for m in read_metrics(out) if "event" not in m)) - {"step"}
+    assert shown_tb.keys() == names  # DeepSpeed's own writer (Train/Samples/*) is kept out
+    for tag, points in shown_tb.items():
+        steps = [step for step, _ in points]
+        assert steps == sorted(set(steps)), tag
+    assert shown_tb["Loss/train"] == [
+        (m["step"], pytest.approx(m["Loss/train"], rel=1e-6)) for m in final
+    ]
+    header, loss_rows = csv_rows(csv_dir / "Loss_train.csv")
+    assert header == ["step", "Loss/train"]
+    assert loss_rows == [(m["step"], m["Loss/train"]) for m in final]  # the same floats
+    assert {p.name for p in csv_dir.iterdir()} == {csv_file_name(n) for n in names}
 
     report = run([PYTHON, "-m", "launcher.report", str(out)])
     assert report.stdout.strip() == str(out / "report.png")
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "report.png").stat().st_size > 20_000
+    assert png_size(out / "report.png")[1] == 935  # no downstream tasks: no task panel
 
 
 @pytest.mark.integration

@@ -19,6 +19,7 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def records(path: Path) -> list[pb.Record]:
+    """Every whole record, in order (of a file still being written: those written so far)."""
     data = Path(path).read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a wandb run file"
     out, pos, parts = [], HEADER, []
@@ -28,6 +29,8 @@ def records(path: Path) -> list[pb.Record]:
             pos += left_in_block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if pos + HEADER + length > len(data):
+            break  # cut off: a run still writing, or killed while it wrote
         payload = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 0 and length == 0:  # zero padding up to the block end
@@ -63,3 +66,14 @@ def run_record(path: Path) -> pb.RunRecord:
 
 def alerts(path: Path) -> list[pb.AlertRecord]:
     return [r.alert for r in records(path) if r.WhichOneof("record_type") == "alert"]
+
+
+def config(path: Path) -> dict:
+    """The run's config as wandb.init recorded it ({key: value}), `_wandb` included."""
+    return {item.key: json.loads(item.value_json) for item in run_record(path).config.update}
+
+
+def declared_metrics(path: Path) -> dict[str, pb.MetricRecord]:
+    """What `run.define_metric` declared: {name or glob: its MetricRecord}."""
+    declared = [r.metric for r in records(path) if r.WhichOneof("record_type") == "metric"]
+    return {m.name or m.glob_name: m for m in declared}

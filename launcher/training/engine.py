@@ -48,6 +48,17 @@ def use_deepspeed_checkpointing(model: GPT, section: ActivationCheckpointing | N
     model.checkpoint_fn = deepspeed.checkpointing.checkpoint
 
 
+OWN_MONITORS = ("tensorboard", "csv_monitor")
+"""DeepSpeed JSON sections the launcher's own sinks serve (monitoring/sinks.py: every metric)."""
+
+
+def deepspeed_config(ds_config: dict) -> dict:
+    """The JSON for deepspeed.initialize: without the `tensorboard` and `csv_monitor` sections,
+    which rank 0 serves itself with every metric; DeepSpeed would open a second writer into the
+    same directory for its own three."""
+    return {key: value for key, value in ds_config.items() if key not in OWN_MONITORS}
+
+
 def build_engine(
     model: GPT, train: TrainConfig, settings: EngineSettings, async_save: bool = False
 ) -> Any:
@@ -58,7 +69,7 @@ def build_engine(
     use_deepspeed_checkpointing(model, settings.activation_checkpointing)
     optimizer = build_optimizer(model, train, settings.offload_optimizer)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=settings.ds_config
+        model=model, optimizer=optimizer, config=deepspeed_config(settings.ds_config)
     )
     if settings.zero_stage == 0 and settings.dp_size == 1:
         # Nothing to average with: skip the flatten-all-reduce-copy-back of every gradient.
