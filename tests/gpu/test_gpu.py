@@ -311,7 +311,9 @@ def test_save_at_10_and_resume_reproduces_steps_11_to_20(device, corpus, tmp_pat
     items = ["train.max_steps=20", "train.log_interval=1", "eval.interval=0",
              "checkpoint.interval=10", "model.dropout=0.1"]  # fmt: skip
     ds = ds_json(tmp_path, 2, BF16)
-    train_run(device, ds, tmp_path / "whole", *items, data=corpus)
+    profile = "train.profile={start: 3, steps: 2}"  # the trace changes no number
+    train_run(device, ds, tmp_path / "whole", *items, profile, data=corpus)
+    _check_profile(tmp_path / "whole" / "profile" / "rank0.pt.trace.json")
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     tag = tmp_path / "whole" / "checkpoints" / "global_step10"
@@ -328,6 +330,24 @@ def test_save_at_10_and_resume_reproduces_steps_11_to_20(device, corpus, tmp_pat
     assert sorted(again) == list(range(11, 21)) and state.step == 20
     # bf16 with fused attention: bit-exact where the kernels are deterministic; else rounding.
     assert figures["max_abs_diff"] < 1e-2, figures
+
+
+def _check_profile(trace_file: Path) -> None:
+    """train.profile on the device: steps 3 and 4 marked, CUDA kernels recorded in them."""
+    events = json.loads(trace_file.read_text())["traceEvents"]
+    steps = sorted(
+        {e["name"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#")}
+    )
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    top: dict[str, float] = {}
+    for e in kernels:
+        top[e["name"][:60]] = top.get(e["name"][:60], 0.0) + e.get("dur", 0.0)
+    figures = {"steps": steps, "kernels": len(kernels), "trace_mb": trace_file.stat().st_size / 1e6,
+               "top_kernels_us": dict(sorted(top.items(), key=lambda kv: -kv[1])[:5])}  # fmt: skip
+    record("profile", figures)
+    assert steps == ["ProfilerStep#3", "ProfilerStep#4"], figures
+    if not DRY:
+        assert len(kernels) > 50, figures
 
 
 def test_memory_estimate_against_the_device_per_zero_stage(device, tmp_path):
