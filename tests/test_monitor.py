@@ -253,9 +253,12 @@ def test_a_refused_wandb_rewind_resumes_the_run_as_it_stands(
 
     monkeypatch.setattr(wandb, "init", init)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    sink = WandbSink(WandbConfig(), "t", tmp_path, "norewind", {}, resume_step=20)
-    sink.log({"Loss/train": 2.0, "Training/tokens": 2048}, step=21)
-    sink.finish()
+    try:
+        sink = WandbSink(WandbConfig(), "t", tmp_path, "norewind", {}, rewind_to=20)
+        sink.log({"Loss/train": 2.0, "Training/tokens": 2048}, step=21)
+        sink.finish()
+    finally:  # ends wandb's service and its WANDB_SERVICE, which later runs would inherit
+        wandb.teardown()
     assert "wandb refused to rewind run norewind to step 20" in capsys.readouterr().err
     path = wandb_file(tmp_path)
     assert run_record(path).run_id == "norewind" and "branch_point" not in config(path)["_wandb"]
@@ -448,11 +451,13 @@ def test_two_rank_run_logs_every_metric_detects_overfitting_and_resumes_after_a_
     assert "resumed from" in second.stdout and "overfitting" not in second.stderr
     assert len(list(out.glob("wandb/offline-run-*"))) == 3
 
-    # wandb: the resumed launch rewinds the same run to the checkpoint's step, so the history
-    # the server shows is the rows up to it, then the resumed launch's.
+    # wandb: the launch after the crash rewinds the same run to the checkpoint's step, so the
+    # history the server shows is the rows up to it, then the resumed launch's. The crashed
+    # launch itself had nothing to rewind (its predecessor stopped at its checkpoint).
     crashed_file, resumed_file = wandb_file(out, 1), wandb_file(out, 2)
     crashed_rows = [r["_step"] for r in history(crashed_file)]
     assert crashed_rows[:3] == [saved + 1, saved + 2, saved + 3]  # flushed before the kill
+    assert "branch_point" not in config(crashed_file)["_wandb"]
     assert run_record(resumed_file).run_id == run_id
     assert config(resumed_file)["_wandb"]["branch_point"] == {"run_id": run_id, "step": saved}
     assert declared_metrics(resumed_file)["Training/tokens"].summary.max

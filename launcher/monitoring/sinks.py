@@ -58,8 +58,9 @@ def wandb_summary(name: str) -> str | None:
 class WandbSink:
     """A wandb run, or nothing: any wandb failure warns once and logging goes on without it.
 
-    A resumed launch rewinds the run to the checkpoint's step (`resume_from`): the steps a
-    crashed launch logged after its last checkpoint give way to the ones logged again."""
+    `rewind_to`: the resumed step, when the launch before logged steps past it (it crashed after
+    its last checkpoint): the run is rewound there (`resume_from`), so the steps logged again
+    replace those. None: the run with this id goes on as it stands (`resume="allow"`)."""
 
     def __init__(
         self,
@@ -68,7 +69,7 @@ class WandbSink:
         run_dir: Path,
         run_id: str,
         config: dict,
-        resume_step: int,
+        rewind_to: int | None,
     ) -> None:
         self.run = None
         self.defined: set[str] = set()
@@ -95,7 +96,7 @@ class WandbSink:
                 config=config,
                 settings=settings,
             )
-            self.run = self._init(wandb, init, resume_step)
+            self.run = self._init(wandb, init, rewind_to)
             # The tokens axis: in every record, so any panel can plot against it.
             self.run.define_metric("Training/tokens", summary="max")
             self.defined.add("Training/tokens")
@@ -103,17 +104,17 @@ class WandbSink:
             self._fail(e)
 
     @staticmethod
-    def _init(wandb: Any, init: dict, resume_step: int) -> Any:
-        """Rewind to the resumed step, or (a fresh run, or a server that refuses the rewind)
-        continue the run with that id as it stands."""
-        if resume_step > 0:
+    def _init(wandb: Any, init: dict, rewind_to: int | None) -> Any:
+        """Rewind the run, or (nothing to rewind, or a server that refuses: rewinding is a W&B
+        preview feature) go on with the run of that id as it stands, or start it."""
+        if rewind_to is not None:
             try:
-                return wandb.init(**init, resume_from=f"{init['id']}?_step={resume_step}")
+                return wandb.init(**init, resume_from=f"{init['id']}?_step={rewind_to}")
             except Exception as e:  # noqa: BLE001
                 if "timed out" in str(e).lower():
                     raise  # no answer: asking again would only double the wait
                 print(
-                    f"warning: wandb refused to rewind run {init['id']} to step {resume_step} "
+                    f"warning: wandb refused to rewind run {init['id']} to step {rewind_to} "
                     f"({type(e).__name__}: {e}); resuming it as it stands instead: the steps "
                     "after the checkpoint may show the values of the launch that crashed",
                     file=sys.stderr,
@@ -157,6 +158,8 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
         self.last_val: float | None = None  # printed on every line once known
+        self.dropped = 0
+        """Records past the resumed step that the launch before left: logged again now."""
         self._truncate_after(resume_step)
 
     def _truncate_after(self, step: int) -> None:
@@ -165,6 +168,7 @@ class MetricsLog:
         if step > 0 and self.path.exists():
             records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
             kept = [r for r in records if r.get("step", 0) <= step]
+            self.dropped = len(records) - len(kept)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.last_val = next((r["Loss/val"] for r in reversed(kept) if "Loss/val" in r), None)
 

@@ -175,10 +175,13 @@ def _sinks(plan: RunPlan, resume_step: int) -> Sinks:
     from launcher.monitoring.sinks import file_sinks
 
     spec, ds_config = plan.spec, plan.engine.ds_config
+    log = MetricsLog(spec.run_dir / "metrics.jsonl", resume_step)
+    # Steps logged past the checkpoint (a crash): wandb rewinds the run to it, else goes on.
+    rewind_to = resume_step if resume_step > 0 and log.dropped else None
     config = {"spec": spec_to_dict(spec), "ds_config": ds_config}
-    wandb = WandbSink(spec.monitor.wandb, spec.name, spec.run_dir, plan.run_id, config, resume_step)
+    wandb = WandbSink(spec.monitor.wandb, spec.name, spec.run_dir, plan.run_id, config, rewind_to)
     files = file_sinks(spec.monitor, ds_config, spec.run_dir, resume_step)
-    return Sinks(MetricsLog(spec.run_dir / "metrics.jsonl", resume_step), wandb, files)
+    return Sinks(log, wandb, files)
 
 
 def _stopper(plan: RunPlan, device: torch.device, started_at: float) -> Stopper:
