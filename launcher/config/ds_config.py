@@ -5,7 +5,8 @@ data-parallel size (a value in the JSON that disagrees stops the run, naming bot
 values), checks every section DeepSpeed validates with DeepSpeed's own config models (a
 misspelled key is an error naming the key, the section and the file), resolves `"auto"`
 precision for the device, and returns one typed `EngineSettings`. Nothing else in the launcher
-reads the raw dictionary; `EngineSettings.ds_config` is what `deepspeed.initialize` receives.
+reads the raw dictionary; `EngineSettings.ds_config` is what `deepspeed.initialize` receives,
+less the `tensorboard` and `csv_monitor` sections (training/engine.py: zerolaunch logs them).
 """
 
 from __future__ import annotations

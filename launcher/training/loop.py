@@ -23,7 +23,7 @@ from launcher.evaluation.val_loss import evaluate
 from launcher.monitoring import mfu
 from launcher.monitoring.metrics import Reporter, Throughput, data_metrics
 from launcher.monitoring.overfit import OverfitDetector
-from launcher.monitoring.sinks import MetricsLog, Sinks, WandbSink
+from launcher.monitoring.sinks import MetricsLog, Sinks, WandbSink, file_sinks
 from launcher.monitoring.timing import StepTimer
 from launcher.runtime.stopping import TIME_LIMIT, Deadline, Stopper
 from launcher.training.divergence import Diverged, DivergenceWatch, advice, decode
@@ -172,8 +172,6 @@ def _reporter(plan: RunPlan, device: torch.device, started_at: float, step: int)
 def _sinks(plan: RunPlan, resume_step: int) -> Sinks:
     """metrics.jsonl, wandb, and the TensorBoard and CSV files the spec or the DeepSpeed JSON's
     `tensorboard` / `csv_monitor` sections turn on (engine.py keeps those from DeepSpeed)."""
-    from launcher.monitoring.sinks import file_sinks
-
     spec, ds_config = plan.spec, plan.engine.ds_config
     log = MetricsLog(spec.run_dir / "metrics.jsonl", resume_step)
     # Steps logged past the checkpoint (a crash): wandb rewinds the run to it, else goes on.
