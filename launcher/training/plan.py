@@ -86,8 +86,19 @@ class DataPlan:
         )
         if any(s.foreign for s in self.sources):
             declared = describe_spec(self.tokenizer)
-            return f"data: {train}; tokenizer {declared} (data.tokenizer; token ids checked)"
-        return f"data: {train}; tokenizer {self.sources[0].meta['tokenizer']['type']}"
+            line = f"data: {train}; tokenizer {declared} (data.tokenizer; token ids checked)"
+        else:
+            line = f"data: {train}; tokenizer {self.sources[0].meta['tokenizer']['type']}"
+        return line + self._evaluation()
+
+    def _evaluation(self) -> str:
+        """The named val sets and the tasks, where there are more than the one val split."""
+        parts = []
+        if len(self.val_sets) > 1 or (self.val_sets and self.monitor != "val"):
+            parts.append(f"val sets {', '.join(self.val_sets)} (Loss/val: {self.monitor})")
+        if self.tasks:
+            parts.append("tasks " + ", ".join(f"{t.name} ({t.size})" for t in self.tasks))
+        return "".join(f"\n{p}" for p in parts)
 
 
 @dataclass
