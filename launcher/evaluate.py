@@ -173,44 +173,25 @@ def _run_inputs(plan: EvalPlan, spec: Any, meta: Any, args: argparse.Namespace, 
 def _given_inputs(plan: EvalPlan, args: argparse.Namespace, spec: Any, builder: bool) -> None:
     """--data and --tasks: each checked against the model's tokenizer; every problem at once."""
     from data_pipeline.foreign import declared_tokenizer, has_text
-    from data_pipeline.gpt_dataset import DocumentRange
-    from data_pipeline.loader import (
-        DataError,
-        build_samples,
-        check_foreign_ids,
-        dataset_prefix,
-        open_source,
-        run_tokenizer,
-    )
-    from data_pipeline.tokenizers import describe_identity, identity, same_identity
+    from data_pipeline.loader import DataError, dataset_prefix
     from launcher.evaluation.tasks import load_tasks
+    from launcher.training.plan import open_whole
 
     problems: list[str] = []
     declared_name = spec.data.tokenizer if spec is not None else None
     declared = declared_tokenizer(declared_name) if declared_name else None
-    mine = identity(plan.tokenizer)
     for item in args.data:
         name, prefix = _named(item, "--data")
+        made_elsewhere = not Path(f"{dataset_prefix(prefix)}.json").exists()
+        declared_here = (declared or plan.tokenizer) if made_elsewhere else None
         try:
-            made_elsewhere = not Path(f"{dataset_prefix(prefix)}.json").exists()
-            source = open_source(
-                prefix, 1.0, (declared or plan.tokenizer) if made_elsewhere else None
-            )
-            theirs = identity(run_tokenizer([source]))
-            if not same_identity(theirs, mine):
-                raise DataError(
-                    f"{source.prefix} was tokenized with {describe_identity(theirs)}, but the "
-                    f"model with {describe_identity(mine)}; prepare it with the model's "
-                    "tokenizer"
-                )
-            check_foreign_ids([source], plan.tokenizer, None, builder)
-            whole = [DocumentRange(source.dataset, 0, source.dataset.num_documents)]
-            samples = build_samples(whole, [source], plan.model.block_size, 1337, None)
+            samples = open_whole(prefix, plan.tokenizer, declared_here, "the model",
+                                 plan.model.block_size, 1337, None, builder)  # fmt: skip
         except (DataError, UserError) as e:
             problems.append(f"--data {item}: {e}")
             continue
         epoch = sum(s.samples_per_epoch for s in samples.sources)
-        plan.sets[name] = (samples, min(args.samples or epoch, epoch), str(source.prefix))
+        plan.sets[name] = (samples, min(args.samples or epoch, epoch), str(prefix))
     tasks = dict(_named(item, "--tasks") for item in args.tasks)
     if tasks and not has_text(plan.tokenizer):
         problems.append("--tasks: the model's tokenizer has no text (vocab:SIZE) to encode with")

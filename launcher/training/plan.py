@@ -280,27 +280,42 @@ def _open_val_sets(
     is_builder: bool,
 ) -> dict[str, BlendedSamples]:
     """eval.sets' datasets, each read whole, each tokenized as the training data is."""
-    mine, problems, opened = identity(tokenizer), [], {}
+    problems, opened = [], {}
+    whose = f"the training data ({first.prefix})"
+    shape = (spec.model.block_size, spec.train.seed, spec.data.index_cache, is_builder)
     for name, prefix in sets.items():
         try:
-            source = open_source(prefix, 1.0, declared)
-            theirs = identity(run_tokenizer([source]))
-            if not same_identity(theirs, mine):
-                raise DataError(
-                    f"{source.prefix} was tokenized with {describe_identity(theirs)}, but the "
-                    f"training data ({first.prefix}) with {describe_identity(mine)}: its loss "
-                    "would read token ids as other text. Prepare it with the training data's "
-                    "tokenizer"
-                )
-            check_foreign_ids([source], tokenizer, spec.data.index_cache, is_builder)
-            ranges = [DocumentRange(source.dataset, 0, source.dataset.num_documents)]
-            seq, seed, cache = spec.model.block_size, spec.train.seed, spec.data.index_cache
-            opened[name] = build_samples(ranges, [source], seq, seed, cache)
+            opened[name] = open_whole(prefix, tokenizer, declared, whose, *shape)
         except DataError as e:
             problems.append(f"eval.sets.{name}: {e}")
     if problems:
         raise UserError("\n".join(problems), problems)
     return opened
+
+
+def open_whole(
+    prefix: str,
+    tokenizer: Tokenizer,
+    declared: Tokenizer | None,
+    whose: str,
+    seq_len: int,
+    seed: int,
+    index_cache: str | None,
+    is_builder: bool,
+) -> BlendedSamples:
+    """A dataset read whole, for evaluation: refused (DataError) unless it was tokenized with
+    `tokenizer`, `whose` tokenizer it is (for the message)."""
+    source = open_source(prefix, 1.0, declared)
+    theirs, mine = identity(run_tokenizer([source])), identity(tokenizer)
+    if not same_identity(theirs, mine):
+        raise DataError(
+            f"{source.prefix} was tokenized with {describe_identity(theirs)}, but {whose} with "
+            f"{describe_identity(mine)}: its loss would read token ids as other text. Prepare "
+            f"it with the tokenizer of {whose}"
+        )
+    check_foreign_ids([source], tokenizer, index_cache, is_builder)
+    whole = [DocumentRange(source.dataset, 0, source.dataset.num_documents)]
+    return build_samples(whole, [source], seq_len, seed, index_cache)
 
 
 def _load_tasks(spec: RunSpec, tokenizer: Tokenizer) -> list[Task]:
