@@ -245,7 +245,8 @@ class CausalSelfAttention(nn.Module):
             is_causal=causal,
             enable_gqa=self.n_kv_head != self.n_head,
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        # n_head * d is C, or this rank's share of it under tensor parallelism.
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * d)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -370,7 +371,14 @@ class GPT(nn.Module):
                 x = block(x, *rope, cache=cache) if rope else block(x, cache=cache)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.transformer.ln_f(x))
+        return self.output(self.transformer.ln_f(x), targets)
+
+    def output(
+        self, x: torch.Tensor, targets: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head: logits of the final hidden states and, with targets, the mean cross-entropy.
+        Tensor parallelism overrides this hook (its loss works on vocabulary shards)."""
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             # Loss in fp32 even when the model runs in bf16/fp16.
