@@ -47,7 +47,7 @@ def stage_table(plan: RunPlan, device_memory: float | None) -> list[str]:
     )
     rows = [header]
     for stage in range(4):
-        est = estimate(plan.spec.model, plan.engine.at_stage(stage))
+        est = estimate(plan.spec.model, plan.engine.at_stage(stage), plan.layout.tensor)
         total = est.total(checkpointing)
         mark = "<- configured" if stage == configured else ""
         if device_memory is not None:
@@ -63,11 +63,13 @@ def stage_table(plan: RunPlan, device_memory: float | None) -> list[str]:
 
 def cross_check(plan: RunPlan) -> str:
     """DeepSpeed's own model-states estimate for the configured stage beside ours."""
+    if plan.layout.tensor > 1:
+        return "DeepSpeed's model-states estimates do not know tensor parallelism: ours alone"
     found = deepspeed_estimate(plan.spec.model, plan.engine, plan.env.local_world_size)
     if found is None:
         return f"DeepSpeed has no model-states estimate for ZeRO-{plan.engine.zero_stage}"
     name, device, host = found
-    ours = estimate(plan.spec.model, plan.engine)
+    ours = estimate(plan.spec.model, plan.engine, plan.layout.tensor)
     note = "" if plan.engine.half else " (DeepSpeed's formula assumes 16-bit training)"
     return (
         f"model states per device: ours {_gib(ours.model_states)} GiB (host {_gib(ours.cpu)} per "

@@ -156,14 +156,15 @@ def plan_eval(args: argparse.Namespace, world_size: int, is_builder: bool) -> Ev
 
 
 def _run_inputs(plan: EvalPlan, spec: Any, meta: Any, args: argparse.Namespace, builder) -> None:
-    """The run's own val sets (as many samples as its evaluations read) and eval.tasks."""
+    """The run's own val sets (as many samples as its evaluations read: eval.batches x
+    micro-batch x the data-parallel ranks that trained the tag) and eval.tasks."""
     from launcher.training.plan import open_data
 
     limit = args.tasks_limit or spec.eval.tasks_limit
     interval = spec.eval.interval or 1  # a run that never evaluated: its val sets all the same
     spec = replace(spec, eval=replace(spec.eval, tasks_limit=limit, interval=interval))
     data = open_data(spec, is_builder=builder)
-    trained = spec.eval.batches * spec.train.micro_batch_size * meta.world_size
+    trained = spec.eval.batches * spec.train.micro_batch_size * meta.data_parallel
     n = args.samples or trained
     for name, samples in data.val_sets.items():
         plan.sets[name] = (samples, n, f"{name} (the run's val set)")

@@ -37,7 +37,7 @@ class CheckpointMeta:
     zero_stage: int
     """ZeRO stage of the shards."""
     world_size: int
-    """Data-parallel ranks that wrote the shards."""
+    """Ranks that wrote the shards (all of them: data x tensor x pipeline x sequence)."""
     precision: str
     """fp32, bf16 or fp16."""
     train_loss: float | None = None
@@ -51,6 +51,9 @@ class CheckpointMeta:
     tokenizer: dict[str, Any] = field(default_factory=dict)
     """The tokenizer's identity (data_pipeline.tokenizers.identity); {} in tags before it was
     recorded."""
+    parallel: dict[str, int] = field(default_factory=dict)
+    """The model-parallel layout that wrote it ({tensor, pipeline, sequence}: one set of shards
+    per tensor-parallel rank); {} = none (and in tags before it was recorded)."""
     manifest: dict[str, int] = field(default_factory=dict)
     """Every file of the tag (relative path) and its size in bytes."""
     hashes: dict[str, str] = field(default_factory=dict)
@@ -62,6 +65,18 @@ class CheckpointMeta:
     """Unix time the tag was completed."""
     format_version: int = FORMAT_VERSION
     """Version of this contract the file was written with."""
+
+    @property
+    def tensor_parallel(self) -> int:
+        return int(self.parallel.get("tensor", 1))
+
+    @property
+    def data_parallel(self) -> int:
+        """Model replicas that wrote it: the ranks over tensor x pipeline x sequence."""
+        per_replica = 1
+        for axis in ("tensor", "pipeline", "sequence"):
+            per_replica *= int(self.parallel.get(axis, 1))
+        return self.world_size // per_replica
 
     @property
     def own_val_loss(self) -> float | None:
@@ -115,6 +130,7 @@ class CheckpointMeta:
                 ("model", "an object", isinstance(self.model, dict)),
                 ("monitor", "an object", isinstance(self.monitor, dict)),
                 ("tokenizer", "an object", isinstance(self.tokenizer, dict)),
+                ("parallel", "axis -> size", _manifest(self.parallel)),
                 ("manifest", "file -> size", _manifest(self.manifest)),
                 ("hashes", "file -> hash", _hashes(self.hashes)),
                 ("val_step", "an integer or null", self.val_step is None or _int(self.val_step, 0)),

@@ -487,7 +487,10 @@ def load_weights(tag_dir: Path, lazy: bool = False) -> dict[str, Any]:
 
     With lazy, values may be deferred (call `.contiguous()`): memory stays near one tensor.
     """
-    if read_meta(tag_dir).zero_stage == 0:
+    meta = read_meta(tag_dir)
+    if meta.tensor_parallel > 1:
+        return _merged_tensor_parallel(tag_dir, meta)
+    if meta.zero_stage == 0:
         states = torch.load(
             tag_dir / "mp_rank_00_model_states.pt",
             map_location="cpu",
@@ -501,6 +504,29 @@ def load_weights(tag_dir: Path, lazy: bool = False) -> dict[str, Any]:
         return get_fp32_state_dict_from_zero_checkpoint(
             str(tag_dir.parent), tag=tag_dir.name, lazy_mode=lazy
         )
+
+
+def _merged_tensor_parallel(tag_dir: Path, meta: CheckpointMeta) -> dict[str, Any]:
+    """The whole model's weights from a tensor-parallel tag: each tensor-parallel rank's model
+    states (mp_rank_NN, in the training precision), put back together. (DeepSpeed's zero_to_fp32
+    reads one model-parallel rank only.)"""
+    from dataclasses import fields as dataclass_fields
+
+    from model.gpt import GPTConfig
+    from model.tensor_parallel import merge_states
+
+    shards = []
+    for rank in range(meta.tensor_parallel):
+        states = torch.load(
+            tag_dir / f"mp_rank_{rank:02d}_model_states.pt",
+            map_location="cpu",
+            weights_only=False,
+            mmap=True,
+        )
+        shards.append({k: v.float() for k, v in states["module"].items()})
+    names = {f.name for f in dataclass_fields(GPTConfig)}
+    config = GPTConfig(**{k: v for k, v in meta.model.items() if k in names})
+    return merge_states(shards, config)
 
 
 def read_run_spec(run_dir: Path) -> RunSpec:

@@ -206,6 +206,20 @@ class MonitorConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How one model replica is split over ranks (Megatron's layout). The data-parallel size is
+    what remains: world size / (tensor x pipeline x sequence); ZeRO shards over it."""
+
+    tensor: int = 1
+    """Tensor-parallel ranks: each layer's matrices split Megatron's way (column-parallel QKV and
+    MLP-in, row-parallel outputs, vocabulary-parallel embedding and loss); keep it within a node."""
+    pipeline: int = 1
+    """Pipeline stages (DeepSpeed's pipeline engine); 1 = none."""
+    sequence: int = 1
+    """Sequence-parallel ranks (DeepSpeed-Ulysses) for long contexts; 1 = none."""
+
+
+@dataclass
 class RunSpec:
     """The whole run: it only composes the sections."""
 
@@ -220,6 +234,7 @@ class RunSpec:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from data_pipeline.tokenizers import Tokenizer
@@ -26,13 +29,28 @@ def generate_text(
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    out = model.generate(
-        torch.tensor([ids], device=device),
-        sample.max_new_tokens,
-        temperature=sample.temperature,
-        top_k=sample.top_k,
-        generator=generator,
-        vocab_limit=tokenizer.vocab_size,
-    )
+    with whole_logits(model):  # every tensor-parallel rank samples the same token
+        out = model.generate(
+            torch.tensor([ids], device=device),
+            sample.max_new_tokens,
+            temperature=sample.temperature,
+            top_k=sample.top_k,
+            generator=generator,
+            vocab_limit=tokenizer.vocab_size,
+        )
     model.train(was_training)
     return tokenizer.decode(out[0].tolist())
+
+
+@contextlib.contextmanager
+def whole_logits(model: torch.nn.Module) -> Iterator[None]:
+    """Within: a tensor-parallel model's forward returns the whole vocabulary's logits (each
+    rank holds a slice of it otherwise); any other model is left as it is."""
+    if not hasattr(model, "gather_logits"):
+        yield
+        return
+    before, model.gather_logits = model.gather_logits, True
+    try:
+        yield
+    finally:
+        model.gather_logits = before

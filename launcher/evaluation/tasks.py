@@ -370,8 +370,10 @@ def loglikelihoods(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
+    group: Any = None,
 ) -> tuple[list[float], list[bool]]:
-    """Log-likelihood and greedy flag of every request of the task, on every rank."""
+    """Log-likelihood and greedy flag of every request of the task, on every rank. `rank` and
+    `world_size` are within `group` (None: every rank), over which the results are summed."""
     total = len(task.requests)
     mine = _rank_order(task, rank, world_size)
     # Every rank makes as many forward calls as the rank with the most requests.
@@ -391,8 +393,8 @@ def loglikelihoods(
         greedy[index] = batch_greedy.to(device, torch.float64)
     if world_size > 1:
         # Each request was scored on one rank and is zero elsewhere: the sum is exact.
-        dist.all_reduce(ll, op=dist.ReduceOp.SUM)
-        dist.all_reduce(greedy, op=dist.ReduceOp.SUM)
+        dist.all_reduce(ll, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(greedy, op=dist.ReduceOp.SUM, group=group)
     return ll.cpu().tolist(), [g > 0.5 for g in greedy.cpu().tolist()]
 
 
@@ -404,12 +406,14 @@ def score(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
+    group: Any = None,
 ) -> dict[str, float]:
-    """`forward(x)` takes a LongTensor [B, T] on `device` and returns logits [B, T, V].
+    """`forward(x)` takes a LongTensor [B, T] on `device` and returns logits [B, T, V]; the
+    requests are shared by the `world_size` ranks of `group` (None: every rank).
 
     Every rank must call this (with the same task); each returns the same metrics: acc and
     acc_norm (multiple_choice) or acc and ppl (last_word), and n, the number of examples."""
-    ll, greedy = loglikelihoods(task, forward, micro_batch_size, device, rank, world_size)
+    ll, greedy = loglikelihoods(task, forward, micro_batch_size, device, rank, world_size, group)
     return metrics(task, ll, greedy)
 
 

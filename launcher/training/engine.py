@@ -60,16 +60,23 @@ def deepspeed_config(ds_config: dict) -> dict:
 
 
 def build_engine(
-    model: GPT, train: TrainConfig, settings: EngineSettings, async_save: bool = False
+    model: GPT,
+    train: TrainConfig,
+    settings: EngineSettings,
+    async_save: bool = False,
+    mpu: Any = None,
 ) -> Any:
     """Wrap the model in a DeepSpeed engine with the spec's optimizer (and, for asynchronous
-    saves, checkpoints/async_save.py's writer as its checkpoint engine)."""
+    saves, checkpoints/async_save.py's writer as its checkpoint engine). `mpu` (the layout's
+    ParallelGroups, with model parallelism) tells DeepSpeed which ranks average gradients and
+    which share a layer: gradient norms count every tensor-parallel shard once, checkpoints are
+    written per tensor-parallel rank (mp_rank_NN)."""
     import deepspeed
 
     use_deepspeed_checkpointing(model, settings.activation_checkpointing)
     optimizer = build_optimizer(model, train, settings.offload_optimizer)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(settings.ds_config)
+        model=model, optimizer=optimizer, config=deepspeed_config(settings.ds_config), mpu=mpu
     )
     if settings.zero_stage == 0 and settings.dp_size == 1:
         # Nothing to average with: skip the flatten-all-reduce-copy-back of every gradient.

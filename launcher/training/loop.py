@@ -18,6 +18,7 @@ from launcher.checkpoints.contract import CheckpointMeta
 from launcher.config.load import spec_to_dict
 from launcher.config.spec import EvalConfig
 from launcher.errors import EXIT_DIVERGED, EXIT_REQUEUE, EXIT_USER_ERROR
+from launcher.evaluation.sampling import whole_logits
 from launcher.evaluation.tasks import score
 from launcher.evaluation.val_loss import evaluate
 from launcher.monitoring import mfu
@@ -26,6 +27,7 @@ from launcher.monitoring.overfit import OverfitDetector
 from launcher.monitoring.sinks import MetricsLog, Sinks, WandbSink, file_sinks
 from launcher.monitoring.timing import StepTimer
 from launcher.runtime.stopping import TIME_LIMIT, Deadline, Stopper
+from launcher.runtime.topology import ParallelGroups
 from launcher.training.divergence import Diverged, DivergenceWatch, advice, decode
 from launcher.training.engine import build_engine, set_lr
 from launcher.training.memory import engine_state_bytes
@@ -34,6 +36,7 @@ from launcher.training.profile import StepProfiler
 from launcher.training.schedule import lr_at
 from launcher.training.step import Batches, train_step
 from model.gpt import GPT, flops_per_token, recompute_fraction
+from model.tensor_parallel import TPGroup, parallelize
 
 
 @dataclass
@@ -70,6 +73,8 @@ class Session:
     stopper: Stopper
     watch: DivergenceWatch
     profiler: StepProfiler
+    groups: ParallelGroups | None = None
+    """The layout's process groups (None without model parallelism)."""
     writer: Any = None
     """The engine's AsyncWriter when checkpoints are written asynchronously."""
     pending: store.Pending | None = None
@@ -83,8 +88,12 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
     engine and where training ended. `started_at` is the process start on perf_counter's clock."""
     spec, env = plan.spec, plan.env
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
-    engine = build_engine(_model(plan), spec.train, plan.engine, spec.checkpoint.async_save)
-    torch.manual_seed(spec.train.seed + 1000 * env.rank)  # distinct dropout masks per rank
+    groups = ParallelGroups(plan.layout, env.rank) if plan.layout.model_parallel > 1 else None
+    model = _model(plan, groups)
+    engine = build_engine(model, spec.train, plan.engine, spec.checkpoint.async_save, groups)
+    # Distinct dropout masks per data-parallel rank; the tensor-parallel ranks of a replica
+    # share theirs (their activations outside the split matrices are one and the same).
+    torch.manual_seed(spec.train.seed + 1000 * plan.coords["data"])
     state = _resume(plan, engine)
     batches, val_batches = _batches(plan, device)
     reporter = _reporter(plan, device, started_at, state.step)
@@ -92,7 +101,7 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
     stopper = _stopper(plan, device, started_at)
     profiler = StepProfiler(spec.train.profile, spec.run_dir, env.rank, device, state.step)
     session = Session(
-        plan, device, engine, batches, val_batches, reporter, stopper, watch, profiler
+        plan, device, engine, batches, val_batches, reporter, stopper, watch, profiler, groups
     )
     if spec.checkpoint.async_save:
         session.writer = engine.checkpoint_engine
@@ -113,15 +122,19 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
     return engine, state
 
 
-def _model(plan: RunPlan) -> GPT:
+def _model(plan: RunPlan, groups: ParallelGroups | None) -> GPT:
     """The GPT, initialised from a tag's weights for checkpoint.init_from, or a Hugging Face
     model's for model.init_from (every rank reads them whole, in fp32; DeepSpeed partitions them
-    as usual)."""
+    as usual); then cut to this rank's tensor-parallel shard (every rank built the same whole
+    model from the same seed, so the shards are the whole model's)."""
     model = GPT(plan.spec.model)
     if plan.init_from is not None and plan.resume is None:
         model.load_state_dict(store.load_weights(plan.init_from))
     if plan.init_hf is not None and plan.resume is None:
         model.load_state_dict(hf.load_state(plan.init_hf, plan.spec.model))
+    if groups is not None and plan.layout.tensor > 1:
+        tp = TPGroup(groups.groups["tensor"], groups.coords["tensor"], plan.layout.tensor)
+        model = parallelize(model, tp)
     return model
 
 
@@ -133,7 +146,7 @@ def _resume(plan: RunPlan, engine: Any) -> TrainState:
     step = resume.meta.step
     state = TrainState(step, resume.meta.consumed_samples, saved_step=step, start_step=step)
     if resume.universal:  # no per-rank RNG to restore at a new world size
-        torch.manual_seed(t.seed + 1000 * plan.env.rank + state.step)
+        torch.manual_seed(t.seed + 1000 * plan.coords["data"] + state.step)
     if plan.env.is_main:
         print(f"resumed from {resume.tag_dir} at step {state.step}", flush=True)
         if state.step >= t.max_steps:
@@ -211,13 +224,14 @@ def _batches(plan: RunPlan, device: torch.device) -> tuple[Batches, dict[str, Ba
     spec, env, engine = plan.spec, plan.env, plan.engine
     builder = env.local_rank == 0
     plan.data.train.prepare(spec.train.max_steps * engine.train_batch_size, is_builder=builder)
-    layout = (engine.micro_batch_size, engine.grad_accum_steps, env.world_size, env.rank, device)
+    dp_size, dp_rank = plan.layout.data, plan.coords["data"]
+    layout = (engine.micro_batch_size, engine.grad_accum_steps, dp_size, dp_rank, device)
     batches = Batches(plan.data.train, *layout)
     if not spec.eval.interval:
         return batches, {}
     val_batches = {}
     for name, samples in plan.data.val_sets.items():
-        samples.prepare(spec.eval.batches * engine.micro_batch_size * env.world_size, builder)
+        samples.prepare(spec.eval.batches * engine.micro_batch_size * dp_size, builder)
         val_batches[name] = Batches(samples, *layout)
     return batches, val_batches
 
@@ -303,16 +317,17 @@ def _val_record(s: Session, step: int) -> dict:
 
 
 def _task_record(s: Session) -> dict:
-    """Every downstream task scored by every rank's share of its examples: Eval/<task>/<metric>."""
-    env, engine = s.plan.env, s.engine
+    """Every downstream task scored by every data-parallel replica's share of its examples (the
+    tensor-parallel ranks of a replica score the same ones together): Eval/<task>/<metric>."""
+    plan, engine = s.plan, s.engine
     forward = lambda x: engine(x)[0]  # noqa: E731 - logits of every position
+    share = (plan.coords["data"], plan.layout.data, s.groups.groups["data"] if s.groups else None)
     record = {}
     engine.eval()
-    for task in s.plan.data.tasks:
-        scores = score(
-            task, forward, s.plan.engine.micro_batch_size, s.device, env.rank, env.world_size
-        )
-        record |= {f"Eval/{task.name}/{k}": v for k, v in scores.items() if k != "n"}
+    with whole_logits(engine.module):
+        for task in plan.data.tasks:
+            scores = score(task, forward, plan.engine.micro_batch_size, s.device, *share)
+            record |= {f"Eval/{task.name}/{k}": v for k, v in scores.items() if k != "n"}
     engine.train()
     return record
 
@@ -364,6 +379,7 @@ def _save(s: Session, state: TrainState) -> None:
         val_step=losses.get("val_step"),
         monitor=s.reporter.detector.state(),
         tokenizer=plan.data.tokenizer_identity,
+        parallel=_parallel(plan),
     )
     expected = store.last_checkpoint_bytes(plan.spec.run_dir) or checkpoint_bytes(plan)
     keep = plan.spec.checkpoint.keep_last
@@ -372,6 +388,14 @@ def _save(s: Session, state: TrainState) -> None:
     state.saved_step = state.step
     if s.writer is None:
         _complete(s)
+
+
+def _parallel(plan: RunPlan) -> dict[str, int]:
+    """The layout a checkpoint records ({} without model parallelism, as before it existed)."""
+    layout = plan.layout
+    if layout.model_parallel == 1:
+        return {}
+    return {"tensor": layout.tensor, "pipeline": layout.pipeline, "sequence": layout.sequence}
 
 
 def _complete(s: Session) -> None:

@@ -79,38 +79,69 @@ def layer_activation_bytes(config: GPTConfig, tokens: int, dtype_bytes: int) -> 
     less when wider (tests/test_memory.py measures it). The dropout masks are counted even at
     dropout 0, where nothing keeps them (p s b h per block: a slight overestimate there).
     """
+    replicated, split = _layer_terms(config, dtype_bytes)
+    return tokens * (replicated + split)
+
+
+def _layer_terms(config: GPTConfig, dtype_bytes: int) -> tuple[float, float]:
+    """Per-token bytes of one block: (what every tensor-parallel rank keeps whole: the norms,
+    their outputs feeding the column-parallel matmuls, the residual dropout masks; what is split
+    over them: q, k, v, the attention output and the MLP's hidden tensors). Korthikanti et al.'s
+    10 + 24 / t for GPT-2 in 16 bits."""
     p, h = dtype_bytes, config.n_embd
     kv = config.kv_heads * config.head_dim
-    attention = p * h + p * (h + 2 * kv) + p * h + p / 2 * h
-    if config.positions == "rope":
-        attention += p * (h + kv)
-    gated = config.mlp == "swiglu"
-    mlp = p * h + p / 2 * h + (4 if gated else 2) * p * config.ffn_size
     norm = 4 * h + p * h if config.norm == "rmsnorm" else p * h
-    return tokens * (attention + mlp + 2 * norm)
+    replicated = 2 * norm + 2 * p * h + 2 * (p / 2 * h)
+    split = p * (h + 2 * kv) + p * h
+    if config.positions == "rope":
+        split += p * (h + kv)
+    split += (4 if config.mlp == "swiglu" else 2) * p * config.ffn_size
+    return replicated, split
 
 
-def activation_bytes(config: GPTConfig, micro_batch: int, dtype_bytes: int) -> tuple[float, float]:
+def activation_bytes(
+    config: GPTConfig, micro_batch: int, dtype_bytes: int, tensor: int = 1
+) -> tuple[float, float]:
     """(without checkpointing, with full checkpointing) activation bytes for one micro-batch.
 
     Every block keeps layer_activation_bytes (34 s b h in 16 bits for GPT-2's shape, 68 in
     fp32); with full checkpointing only each block's input (p s b h) stays, plus one block
     being recomputed. The loss adds fp32 logits and their log-softmax (8 s b vocab), tied or
-    untied head alike; position embeddings are parameters, not activations.
+    untied head alike; position embeddings are parameters, not activations. With `tensor`
+    ranks per layer, each keeps the replicated terms whole and 1/tensor of the rest.
     """
     tokens, layers = config.block_size * micro_batch, config.n_layer
-    per_layer = layer_activation_bytes(config, tokens, dtype_bytes)
-    logits = tokens * config.vocab_size * 4 * 2  # fp32 logits and their softmax for the loss
+    replicated, split = _layer_terms(config, dtype_bytes)
+    per_layer = tokens * (replicated + split / tensor)
+    # fp32 logits and their softmax for the loss: each tensor-parallel rank its vocabulary slice
+    logits = tokens * config.vocab_size * 4 * 2 / tensor
     full = layers * per_layer + logits
     checkpointed = layers * tokens * config.n_embd * dtype_bytes + per_layer + logits
     return full, checkpointed
 
 
-def estimate(config: GPTConfig, engine: EngineSettings) -> Estimate:
+def tensor_parallel_params(config: GPTConfig, tensor: int) -> float:
+    """Parameters one tensor-parallel rank holds: 1/tensor of the split matrices (embedding,
+    head, every block's matmuls and the column-parallel biases), all of the replicated ones
+    (norms, position table, the row-parallel output biases)."""
+    total = count_params(config)
+    if tensor == 1:
+        return float(total)
+    h, norm_params = config.n_embd, config.n_embd * (2 if config.norm == "layernorm" else 1)
+    replicated = (2 * config.n_layer + 1) * norm_params
+    if config.positions == "learned":
+        replicated += config.block_size * h
+    if config.bias:
+        replicated += 2 * config.n_layer * h  # attn.c_proj and mlp.c_proj biases
+    return replicated + (total - replicated) / tensor
+
+
+def estimate(config: GPTConfig, engine: EngineSettings, tensor: int = 1) -> Estimate:
     """Per-device memory for this model under the engine's ZeRO stage, precision, offload and
-    data-parallel size (`engine.at_stage(s)` for another stage)."""
+    data-parallel size (`engine.at_stage(s)` for another stage), each layer split over `tensor`
+    ranks (ZeRO then shards each rank's share over the data-parallel ranks)."""
     stage, w = engine.zero_stage, engine.dp_size
-    p = count_params(config)
+    p = tensor_parallel_params(config, tensor)
     width = 2 if engine.half else 4
     params = p * width / (w if stage >= 3 else 1)
     grads = p * width / (w if stage >= 2 else 1)
@@ -130,7 +161,7 @@ def estimate(config: GPTConfig, engine: EngineSettings) -> Estimate:
     if engine.offload_param != "none" and stage >= 3:
         cpu += params if engine.offload_param == "cpu" else 0.0
         params = 0.0
-    acts, acts_ckpt = activation_bytes(config, engine.micro_batch_size, width)
+    acts, acts_ckpt = activation_bytes(config, engine.micro_batch_size, width, tensor)
     buffers = 0.0
     if stage >= 1:
         buffers += 4 * float(engine.reduce_bucket_size)

@@ -39,10 +39,11 @@ from launcher.checkpoints.universal import needs_universal
 from launcher.config.ds_config import EngineSettings, load_ds_config, resolve_engine
 from launcher.config.load import load_spec
 from launcher.config.paths import DEFAULT_SPEC, display_path
-from launcher.config.spec import RunSpec
+from launcher.config.spec import ModelSpec, RunSpec
 from launcher.errors import UserError, combined
 from launcher.evaluation.tasks import Task, load_tasks
 from launcher.runtime.distributed import DistEnv, bf16_supported, detect_env, device_type
+from launcher.runtime.topology import Layout, layout_problems
 from launcher.training.memory import GIB, Estimate, estimate
 
 VOCAB_MULTIPLE = 64
@@ -131,6 +132,13 @@ class RunPlan:
     """A tag whose weights a fresh run starts from (checkpoint.init_from)."""
     init_hf: Path | None = None
     """A Hugging Face model directory a fresh run starts from (model.init_from)."""
+    layout: Layout = field(default_factory=Layout)
+    """Where the ranks sit: tensor x pipeline x sequence x data parallel."""
+
+    @property
+    def coords(self) -> dict[str, int]:
+        """This rank's place on every axis of the layout."""
+        return self.layout.coords(self.env.rank)
 
     def summary(self) -> str:
         m, e = self.spec.model, self.engine
@@ -140,7 +148,7 @@ class RunPlan:
             f"block {m.block_size}, vocab {m.vocab_size} (tokenizer {self.data.vocab_size})",
             self.data.describe(),
             f"engine: ZeRO stage {e.zero_stage}, {self.env.world_size} rank(s) on "
-            f"{self.device} ({self._ranks_line()}), {e.precision}, "
+            f"{self.device} ({self._ranks_line()}){self._layout_line()}, {e.precision}, "
             f"batch {e.train_batch_size} sequences = "
             f"{e.train_batch_size * m.block_size:,} tokens/step",
             self._memory_line(),
@@ -156,6 +164,9 @@ class RunPlan:
                                     (m.mlp, "gelu")) if v != gpt2]  # fmt: skip
         parts += [] if m.tie_embeddings else ["untied"]
         return f" ({', '.join(parts)})" if parts else ""
+
+    def _layout_line(self) -> str:
+        return f", {self.layout.describe()}" if self.layout.model_parallel > 1 else ""
 
     def _ranks_line(self) -> str:
         env = self.env
@@ -191,8 +202,8 @@ class RunPlan:
 
 def _resolve_model(spec: RunSpec, data: DataPlan) -> RunSpec:
     vocab = spec.model.vocab_size
-    if vocab is None:
-        vocab = padded_vocab(data.vocab_size)
+    if vocab is None:  # each tensor-parallel rank's slice of the vocabulary a multiple of 64 too
+        vocab = padded_vocab(data.vocab_size, VOCAB_MULTIPLE * spec.parallel.tensor)
     elif vocab < data.vocab_size and spec.model.init_from:
         raise UserError(
             f"model.init_from={spec.model.init_from} has {vocab} embedding rows, but the "
@@ -375,18 +386,21 @@ def prepare_run(
     spec = load_spec(spec_path, overrides)  # everything else reads the spec
     env = env or detect_env()
     device = device or device_type()
-    problems: list[str] = []
+    problems = layout_problems(spec.parallel, env.world_size, _shape(spec))
+    layout = Layout.of(spec.parallel, env.world_size)
     engine, warnings = _attempt(
         problems,
-        lambda: engine_settings(spec, spec_path, ds_path, env.world_size, device, overrides),
+        lambda: engine_settings(spec, spec_path, ds_path, layout.data, device, overrides),
     ) or (None, [])
+    if engine is not None:
+        problems += _zero_problems(layout, engine)
     data = _attempt(problems, lambda: open_data(spec, is_builder=env.local_rank == 0))
     if data is not None:
         spec = _attempt(problems, lambda: _resolve_model(spec, data)) or spec
         spec = _attempt(problems, lambda: _check_prompt(spec, data.tokenizer, warnings)) or spec
     resume, init, init_hf = None, None, None
     if engine is not None and spec.model.vocab_size is not None:
-        found = _attempt(problems, lambda: _resume(spec, env, engine, damaged or {}))
+        found = _attempt(problems, lambda: _resume(spec, env, engine, damaged or {}, layout))
         if found is not None:
             resume, skipped = found
             warnings += skipped
@@ -401,12 +415,36 @@ def prepare_run(
     if resume is not None and resume.universal:
         engine = engine.loading_universal()
     run_id = resume.meta.run_id if resume else secrets.token_hex(6)
-    memory = estimate(spec.model, engine)
-    return RunPlan(spec, engine, env, data, resume, warnings, run_id, memory, device, init, init_hf)
+    memory = estimate(spec.model, engine, layout.tensor)
+    return RunPlan(
+        spec, engine, env, data, resume, warnings, run_id, memory, device, init, init_hf, layout
+    )
+
+
+def _shape(spec: RunSpec) -> ModelSpec:
+    """The model's shape for the layout checks, when its vocabulary is known before the data
+    is opened (else the tensor split of the vocabulary is checked once it is)."""
+    return spec.model if spec.model.vocab_size is not None else replace(spec.model, vocab_size=0)
+
+
+def _zero_problems(layout: Layout, engine: EngineSettings) -> list[str]:
+    """ZeRO stages the layout cannot take."""
+    if layout.tensor > 1 and engine.zero_stage == 3:
+        return [
+            f"parallel.tensor={layout.tensor} with ZeRO stage 3: ZeRO-3 would partition the "
+            "tensor-parallel shards again, and neither DeepSpeed's zero_to_fp32 nor its universal "
+            "checkpoints can put such a checkpoint back together; use ZeRO-1 or 2 (ZeRO-3's "
+            "parameter sharding is what tensor parallelism already does within the layer)"
+        ]
+    return []
 
 
 def _resume(
-    spec: RunSpec, env: DistEnv, engine: EngineSettings, damaged: dict[Path, str]
+    spec: RunSpec,
+    env: DistEnv,
+    engine: EngineSettings,
+    damaged: dict[Path, str],
+    layout: Layout,
 ) -> tuple[Resume | None, list[str]]:
     tag_dir, warnings = store.resolve_resume(spec.checkpoint.resume, spec.run_dir, damaged)
     existing = store.list_tags(store.checkpoint_dir(spec.run_dir))
@@ -424,6 +462,7 @@ def _resume(
     if tag_dir is None:
         return None, warnings
     meta = store.check_compatible(tag_dir, spec.model)
+    _check_layout(tag_dir, meta, layout, env.world_size, engine.zero_stage)
     universal = needs_universal(meta, env.world_size, engine.zero_stage)
     if meta.consumed_samples != meta.step * engine.train_batch_size:
         warnings.append(
@@ -434,6 +473,27 @@ def _resume(
             "exactly"
         )
     return Resume(tag_dir, meta, universal), warnings
+
+
+def _check_layout(
+    tag_dir: Path, meta: CheckpointMeta, layout: Layout, world_size: int, zero_stage: int
+) -> None:
+    """A tensor-parallel checkpoint resumes only as it was written: DeepSpeed's universal
+    conversion does not know how our shards split each matrix."""
+    theirs = {axis: meta.parallel.get(axis, 1) for axis in ("tensor", "pipeline", "sequence")}
+    mine = {axis: getattr(layout, axis) for axis in theirs}
+    same_ranks = (meta.world_size, meta.zero_stage) == (world_size, zero_stage)
+    if theirs == mine and (same_ranks or mine["tensor"] == 1):
+        return
+    wrote = ", ".join(f"parallel.{a}={n}" for a, n in theirs.items())
+    raise UserError(
+        f"{tag_dir} was written by {meta.world_size} rank(s) at ZeRO stage {meta.zero_stage} with "
+        f"{wrote}; this run has {world_size} rank(s), stage {zero_stage}, "
+        + ", ".join(f"parallel.{a}={n}" for a, n in mine.items())
+        + ". A tensor-parallel checkpoint's optimizer states resume only at the layout, world "
+        "size and stage that wrote them: resume with those, or start a new run from its weights "
+        f"(merged across any layout) with checkpoint.init_from={tag_dir} and another out_dir"
+    )
 
 
 def _check_tokenizer(spec: RunSpec, resume: Resume | None, data: DataPlan) -> None:

@@ -1,0 +1,132 @@
+"""Tensor parallelism through the launcher: 4 gloo ranks as 2 tensor x 2 data parallel train the
+same losses as 1 rank, hold half the parameters each, resume bit for bit, export the same model;
+layouts that cannot run are refused before anything starts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEEPSPEED, PYTHON, TINY, ZEROLAUNCH, free_port, overrides, read_metrics, run
+
+ITEMS = [*TINY, "train.max_steps=10", "train.log_interval=1", "eval.interval=5",
+         "checkpoint.interval=5", "checkpoint.keep_last=0", "sample.max_new_tokens=20",
+         "monitor.wandb.mode=disabled"]  # fmt: skip
+GLOBAL_BATCH = 8  # sequences per step in both layouts
+
+
+def _train(out: Path, ranks: int, config: str, *items: str) -> str:
+    """A run of ITEMS on `ranks` ranks; its stdout."""
+    args = ["launcher/run.py", "--ds_config", config, *overrides(*ITEMS, f"out_dir={out}", *items)]
+    if ranks == 1:
+        return run([PYTHON, *args]).stdout
+    port = str(free_port())
+    return run(
+        [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", port, *args], timeout=400
+    ).stdout
+
+
+def _losses(out: Path, name: str = "Loss/train") -> dict[int, float]:
+    return {m["step"]: m[name] for m in read_metrics(out) if name in m}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The same model and data: 1 rank at ZeRO-0, and 2 tensor x 2 data parallel at ZeRO-1."""
+    root = tmp_path_factory.mktemp("parallel")
+    data = f"data.train={tiny_data}"
+    one = _train(
+        root / "one", 1, "ds_configs/zero0.json", data, f"train.micro_batch_size={GLOBAL_BATCH}"
+    )
+    tp = _train(root / "tp", 4, "ds_configs/zero1.json", data, "train.micro_batch_size=4",
+                "parallel.tensor=2")  # fmt: skip
+    return {"root": root, "one": root / "one", "tp": root / "tp", "stdout": {"one": one, "tp": tp},
+            "data": data}  # fmt: skip
+
+
+def test_tensor_x_data_parallel_trains_the_one_rank_losses(runs: dict) -> None:
+    assert "2 tensor x 2 data parallel" in runs["stdout"]["tp"]
+    one, tp = _losses(runs["one"]), _losses(runs["tp"])
+    assert sorted(tp) == list(range(1, 11))
+    assert max(abs(one[s] - tp[s]) for s in one) < 1e-4, (one, tp)
+    assert _losses(runs["one"], "Loss/val") == pytest.approx(
+        _losses(runs["tp"], "Loss/val"), abs=1e-4
+    )
+    # Both layouts sample the same text (every tensor-parallel rank draws the same tokens).
+    sample = lambda out: out.split("--- sample ---")[1].split("-----")[0]  # noqa: E731
+    assert sample(runs["stdout"]["one"]) == sample(runs["stdout"]["tp"])
+
+
+def test_each_tensor_parallel_rank_holds_about_half_the_parameters(runs: dict) -> None:
+    whole = json.loads((runs["one"] / "memory.json").read_text())["measured_bytes_per_rank"][0]
+    report = json.loads((runs["tp"] / "memory.json").read_text())
+    for held in report["measured_bytes_per_rank"]:
+        # 1/2 of every split matrix, all of the norms and the position table.
+        assert 0.5 < held["params"] / whole["params"] < 0.56
+        assert held["params"] == report["estimated_bytes_per_rank"]["params"]
+
+
+def test_a_tensor_parallel_checkpoint_resumes_bit_for_bit_and_only_at_its_layout(
+    runs: dict, tmp_path: Path
+) -> None:
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        runs["tp"] / "checkpoints" / "global_step5", resumed / "checkpoints" / "global_step5"
+    )
+    files = sorted(p.name for p in (resumed / "checkpoints" / "global_step5").iterdir())
+    assert (
+        "mp_rank_01_model_states.pt" in files
+        and "zero_pp_rank_1_mp_rank_01_optim_states.pt" in files
+    )
+    _train(resumed, 4, "ds_configs/zero1.json", runs["data"], "train.micro_batch_size=4",
+           "parallel.tensor=2", "sample.max_new_tokens=0")  # fmt: skip
+    again, whole = _losses(resumed), _losses(runs["tp"])
+    assert sorted(again) == list(range(6, 11))
+    assert all(again[s] == whole[s] for s in again), (again, whole)
+
+    other = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launcher/run.py",
+                 "--ds_config", "ds_configs/zero1.json",
+                 *overrides(*ITEMS, runs["data"], f"out_dir={resumed}", "train.max_steps=12",
+                            "train.micro_batch_size=4")], check=False)  # fmt: skip
+    assert other.returncode == 2, other.stdout[-2000:]
+    assert "parallel.tensor=2" in other.stderr and "checkpoint.init_from=" in other.stderr
+
+
+def test_export_of_a_tensor_parallel_run_is_the_whole_model(runs: dict) -> None:
+    exported = {}
+    for name in ("one", "tp"):
+        out = runs["root"] / f"export_{name}"
+        run([PYTHON, "-m", "launcher.export", "--run", str(runs[name]), "--out", str(out)])
+        from safetensors.torch import load_file
+
+        exported[name] = load_file(out / "model.safetensors")
+    assert exported["one"].keys() == exported["tp"].keys()
+    for key, tensor in exported["one"].items():
+        assert exported["tp"][key].shape == tensor.shape
+        torch.testing.assert_close(exported["tp"][key], tensor, atol=1e-4, rtol=0)
+    # zerolaunch eval reads the merged weights: the val loss the tensor-parallel loop logged.
+    result = json.loads(run([ZEROLAUNCH, "eval", str(runs["tp"]), "--tag", "global_step10"]).stdout)
+    assert result["metrics"]["Loss/val"] == pytest.approx(
+        _losses(runs["tp"], "Loss/val")[10], rel=1e-5
+    )
+
+
+def test_layouts_that_cannot_run_are_refused_together() -> None:
+    cmd = [ZEROLAUNCH, "check", "--world-size", "6", "--ds_config", "ds_configs/zero3.json",
+           *overrides("parallel.tensor=4", "parallel.pipeline=2", "model.n_head=6",
+                      "model.n_embd=96")]  # fmt: skip
+    result = run(cmd, check=False)
+    assert result.returncode == 2
+    for expected in (
+        "parallel.pipeline=2: pipeline parallelism is not built yet",
+        "does not divide the 6 rank(s)",
+        "model.n_head=6 is not divisible by parallel.tensor=4",
+        "with ZeRO stage 3",
+    ):
+        assert expected in result.stderr, result.stderr
+    fits = run([ZEROLAUNCH, "check", "--world-size", "8", *overrides("parallel.tensor=2")])
+    assert "2 tensor x 4 data parallel" in fits.stdout
