@@ -118,6 +118,8 @@ def _start(
             print(f"warning: {warning}", file=sys.stderr, flush=True)
         write_run_files(plan)
     ranks = rank_map(env, device)
+    if plan.layout.model_parallel > 1:  # and where it sits in the layout
+        ranks = [r | {"parallel": plan.layout.coords(r["rank"])} for r in ranks]
     if env.is_main:  # where each rank runs: out_dir/ranks.json
         (plan.spec.run_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
     if plan.resume is not None and plan.resume.universal:

@@ -394,6 +394,12 @@ def prepare_run(
     ) or (None, [])
     if engine is not None:
         problems += _zero_problems(layout, engine)
+    if layout.tensor > 1 and env.local_world_size % layout.tensor:
+        warnings.append(
+            f"parallel.tensor={layout.tensor} does not divide the {env.local_world_size} rank(s) "
+            "per node: some tensor-parallel groups span nodes, and every layer all-reduces over "
+            "the network. Launch a multiple of parallel.tensor ranks per node"
+        )
     data = _attempt(problems, lambda: open_data(spec, is_builder=env.local_rank == 0))
     if data is not None:
         spec = _attempt(problems, lambda: _resolve_model(spec, data)) or spec
