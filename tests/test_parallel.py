@@ -1,6 +1,7 @@
 """Tensor parallelism through the launcher: 4 gloo ranks as 2 tensor x 2 data parallel train the
-same losses as 1 rank, hold half the parameters each, resume bit for bit, export the same model;
-layouts that cannot run are refused before anything starts."""
+same losses as 1 rank, hold half the parameters each, resume bit for bit (and at another layout
+through the universal format), export the same model; layouts that cannot run are refused
+before anything starts."""
 
 from __future__ import annotations
 
@@ -69,14 +70,16 @@ def test_each_tensor_parallel_rank_holds_about_half_the_parameters(runs: dict) -
         assert held["params"] == report["estimated_bytes_per_rank"]["params"]
 
 
-def test_a_tensor_parallel_checkpoint_resumes_bit_for_bit_and_only_at_its_layout(
+def _copy_tag(runs: dict, dest: Path, tag: str = "global_step5") -> Path:
+    (dest / "checkpoints").mkdir(parents=True)
+    shutil.copytree(runs["tp"] / "checkpoints" / tag, dest / "checkpoints" / tag)
+    return dest
+
+
+def test_a_tensor_parallel_checkpoint_resumes_bit_for_bit_at_its_layout(
     runs: dict, tmp_path: Path
 ) -> None:
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(
-        runs["tp"] / "checkpoints" / "global_step5", resumed / "checkpoints" / "global_step5"
-    )
+    resumed = _copy_tag(runs, tmp_path / "resumed")
     files = sorted(p.name for p in (resumed / "checkpoints" / "global_step5").iterdir())
     assert (
         "mp_rank_01_model_states.pt" in files
@@ -88,12 +91,26 @@ def test_a_tensor_parallel_checkpoint_resumes_bit_for_bit_and_only_at_its_layout
     assert sorted(again) == list(range(6, 11))
     assert all(again[s] == whole[s] for s in again), (again, whole)
 
-    other = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launcher/run.py",
-                 "--ds_config", "ds_configs/zero1.json",
-                 *overrides(*ITEMS, runs["data"], f"out_dir={resumed}", "train.max_steps=12",
-                            "train.micro_batch_size=4")], check=False)  # fmt: skip
-    assert other.returncode == 2, other.stdout[-2000:]
-    assert "parallel.tensor=2" in other.stderr and "checkpoint.init_from=" in other.stderr
+
+def test_it_resumes_at_another_layout_through_the_universal_format(
+    runs: dict, tmp_path: Path
+) -> None:
+    """2 tensor x 2 data parallel -> 2 data-parallel ranks without tensor parallelism (ZeRO-2):
+    DeepSpeed's converter joins each parameter's pieces as the saved split says; the loss goes
+    on as in the unchanged run."""
+    resumed = _copy_tag(runs, tmp_path / "other")
+    out = _train(resumed, 2, "ds_configs/zero2.json", runs["data"], "train.micro_batch_size=4",
+                 "sample.max_new_tokens=0")  # fmt: skip
+    assert "2 tensor parallel: loading it in DeepSpeed's universal format" in out
+    again, whole = _losses(resumed), _losses(runs["tp"])
+    assert sorted(again) == list(range(6, 11))
+    assert max(abs(again[s] - whole[s]) for s in again) < 1e-5, (again, whole)
+    # No conversion crosses the ZeRO-3 boundary: refused before anything starts.
+    tag = resumed / "checkpoints" / "global_step5"
+    refused = run([PYTHON, "launcher/run.py", "--ds_config", "ds_configs/zero3.json",
+                   *overrides(*ITEMS, runs["data"], f"out_dir={resumed}", "train.max_steps=12",
+                              f"checkpoint.resume={tag}")], check=False)  # fmt: skip
+    assert refused.returncode == 2 and "ZeRO-3 boundary" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_export_of_a_tensor_parallel_run_is_the_whole_model(runs: dict) -> None:

@@ -274,10 +274,12 @@ def save(
     keep_last: int,
     expected_bytes: int,
     writer: Any = None,
+    universal_info: dict | None = None,
 ) -> Pending:
     """All ranks: write this rank's shards and RNG state (with an AsyncWriter as the engine's
     checkpoint engine, `writer`: copy them to host memory and queue them). `finish` completes
-    the tag.
+    the tag. `universal_info`: how a tensor-parallel model's parameters are split, for
+    ds_to_universal (universal.tensor_parallel_info).
 
     Every rank first checks that about `expected_bytes` fit (one all-reduce: all stop together
     before writing anything, exit 2); a write that fails anyway stops its rank (SaveError)."""
@@ -294,7 +296,7 @@ def save(
         engine.save_checkpoint(
             str(ckpt_dir),
             tag=tag,
-            client_state={"universal_checkpoint_info": UNIVERSAL_INFO},
+            client_state={"universal_checkpoint_info": universal_info or UNIVERSAL_INFO},
             save_latest=False,
         )
         rng_file = tag_dir / _rng_file(dist.get_rank())

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from launcher.checkpoints import hf, store
 from launcher.checkpoints.contract import CheckpointMeta
+from launcher.checkpoints.universal import tensor_parallel_info
 from launcher.config.load import spec_to_dict
 from launcher.config.spec import EvalConfig
 from launcher.errors import EXIT_DIVERGED, EXIT_REQUEUE, EXIT_USER_ERROR
@@ -383,7 +384,10 @@ def _save(s: Session, state: TrainState) -> None:
     )
     expected = store.last_checkpoint_bytes(plan.spec.run_dir) or checkpoint_bytes(plan)
     keep = plan.spec.checkpoint.keep_last
-    s.pending = store.save(s.engine, plan.spec.run_dir, meta, keep, expected, s.writer)
+    # How each parameter is (or would be) split: a later universal conversion can then resume
+    # the tag at any tensor-parallel size.
+    info = tensor_parallel_info(s.engine.module, plan.spec.model)
+    s.pending = store.save(s.engine, plan.spec.run_dir, meta, keep, expected, s.writer, info)
     s.pending.call_s, s.pending_since = time.perf_counter() - started, s.stopper.polls
     state.saved_step = state.step
     if s.writer is None:
@@ -391,10 +395,9 @@ def _save(s: Session, state: TrainState) -> None:
 
 
 def _parallel(plan: RunPlan) -> dict[str, int]:
-    """The layout a checkpoint records ({} without model parallelism, as before it existed)."""
+    """The layout a checkpoint records (with it, how its parameters are split for
+    ds_to_universal: tags without it predate both)."""
     layout = plan.layout
-    if layout.model_parallel == 1:
-        return {}
     return {"tensor": layout.tensor, "pipeline": layout.pipeline, "sequence": layout.sequence}
 
 

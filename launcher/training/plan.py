@@ -194,9 +194,10 @@ class RunPlan:
         if not self.resume.universal:
             return str(self.resume.tag_dir)
         m = self.resume.meta
+        tensor = f", {m.tensor_parallel} tensor parallel" if m.tensor_parallel > 1 else ""
         return (
             f"{self.resume.tag_dir} (written by {m.world_size} rank(s) at ZeRO stage "
-            f"{m.zero_stage}: loading it in DeepSpeed's universal format)"
+            f"{m.zero_stage}{tensor}: loading it in DeepSpeed's universal format)"
         )
 
 
@@ -468,8 +469,8 @@ def _resume(
     if tag_dir is None:
         return None, warnings
     meta = store.check_compatible(tag_dir, spec.model)
-    _check_layout(tag_dir, meta, layout, env.world_size, engine.zero_stage)
-    universal = needs_universal(meta, env.world_size, engine.zero_stage)
+    _check_layout(tag_dir, meta, layout)
+    universal = needs_universal(meta, env.world_size, engine.zero_stage, layout.tensor)
     if meta.consumed_samples != meta.step * engine.train_batch_size:
         warnings.append(
             f"{tag_dir} was trained with {meta.consumed_samples // max(meta.step, 1)} sequences "
@@ -481,24 +482,25 @@ def _resume(
     return Resume(tag_dir, meta, universal), warnings
 
 
-def _check_layout(
-    tag_dir: Path, meta: CheckpointMeta, layout: Layout, world_size: int, zero_stage: int
-) -> None:
-    """A tensor-parallel checkpoint resumes only as it was written: DeepSpeed's universal
-    conversion does not know how our shards split each matrix."""
-    theirs = {axis: meta.parallel.get(axis, 1) for axis in ("tensor", "pipeline", "sequence")}
-    mine = {axis: getattr(layout, axis) for axis in theirs}
-    same_ranks = (meta.world_size, meta.zero_stage) == (world_size, zero_stage)
-    if theirs == mine and (same_ranks or mine["tensor"] == 1):
+def _check_layout(tag_dir: Path, meta: CheckpointMeta, layout: Layout) -> None:
+    """A checkpoint moves between tensor-parallel sizes (and world sizes) through DeepSpeed's
+    universal format; other model-parallel axes must stay as they were written."""
+    if not meta.parallel and layout.tensor > 1:
+        raise UserError(
+            f"{tag_dir} was written before zerolaunch recorded how each parameter splits over "
+            f"tensor-parallel ranks, so it cannot be resumed at parallel.tensor={layout.tensor}: "
+            "resume it with parallel.tensor=1 (and save a checkpoint), or start a new run from its "
+            f"weights with checkpoint.init_from={tag_dir} and another out_dir"
+        )
+    fixed = [a for a in ("pipeline", "sequence") if meta.parallel.get(a, 1) != getattr(layout, a)]
+    if not fixed:
         return
-    wrote = ", ".join(f"parallel.{a}={n}" for a, n in theirs.items())
+    wrote = ", ".join(f"parallel.{a}={meta.parallel.get(a, 1)}" for a in fixed)
     raise UserError(
-        f"{tag_dir} was written by {meta.world_size} rank(s) at ZeRO stage {meta.zero_stage} with "
-        f"{wrote}; this run has {world_size} rank(s), stage {zero_stage}, "
-        + ", ".join(f"parallel.{a}={n}" for a, n in mine.items())
-        + ". A tensor-parallel checkpoint's optimizer states resume only at the layout, world "
-        "size and stage that wrote them: resume with those, or start a new run from its weights "
-        f"(merged across any layout) with checkpoint.init_from={tag_dir} and another out_dir"
+        f"{tag_dir} was written with {wrote}; this run has "
+        + ", ".join(f"parallel.{a}={getattr(layout, a)}" for a in fixed)
+        + ": resume with the checkpoint's, or start a new run from its weights with "
+        f"checkpoint.init_from={tag_dir} and another out_dir"
     )
 
 
