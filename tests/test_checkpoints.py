@@ -52,7 +52,7 @@ def to_v1_layout(tag_dir: Path) -> None:
     meta = json.loads((tag_dir / store.META_FILE).read_text())
     meta["bf16"] = meta.pop("precision") == "bf16"
     old = {key: meta[key] for key in template}
-    new = {"format_version", "tokenizer", "hashes"}
+    new = {"format_version", "tokenizer", "hashes", "parallel"}
     assert set(meta) - set(old) == new  # all that is new since 0.1
     (tag_dir / store.META_FILE).write_text(json.dumps(old, indent=1))
 
