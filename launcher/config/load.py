@@ -354,6 +354,7 @@ def validate(spec: RunSpec) -> list[str]:
     if spec.monitor.peak_flops is not None and spec.monitor.peak_flops <= 0:
         problems.append(f"monitor.peak_flops: must be > 0, got {spec.monitor.peak_flops}")
     _check_min(problems, spec.checkpoint, "checkpoint", 0, "interval", "keep_last")
+    _check_min(problems, spec.parallel, "parallel", 1, "tensor", "pipeline", "sequence")
     _check_min(problems, spec.sample, "sample", 0, "max_new_tokens", "temperature")
     _check_min(problems, spec.sample, "sample", 1, "top_k")
     if not spec.name or "/" in spec.name:

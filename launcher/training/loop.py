@@ -213,10 +213,11 @@ def _stopper(plan: RunPlan, device: torch.device, started_at: float) -> Stopper:
 
 def checkpoint_bytes(plan: RunPlan) -> int:
     """About what a checkpoint of this run takes on disk, before one has been saved: the
-    parameters (written once, or a shard per rank at ZeRO-3) and every rank's optimizer
-    partition (offloaded states included)."""
+    parameters (written once per tensor-parallel rank, or a shard per rank at ZeRO-3) and every
+    rank's optimizer partition (offloaded states included)."""
     est, world = plan.memory, plan.env.world_size
-    params = est.params * (world if plan.engine.zero_stage >= 3 else 1)
+    # Written once per tensor-parallel rank (each its share), or by every rank at ZeRO-3.
+    params = est.params * (world if plan.engine.zero_stage >= 3 else plan.layout.tensor)
     return int(params + (est.optimizer + est.cpu) * world)
 
 
