@@ -132,9 +132,9 @@ def test_export_of_a_tensor_parallel_run_is_the_whole_model(runs: dict) -> None:
     )
 
 
-def test_layouts_that_cannot_run_are_refused_together() -> None:
+def test_layouts_that_cannot_run_are_refused_together(runs: dict) -> None:
     cmd = [ZEROLAUNCH, "check", "--world-size", "6", "--ds_config", "ds_configs/zero3.json",
-           *overrides("parallel.tensor=4", "parallel.pipeline=2", "model.n_head=6",
+           *overrides(runs["data"], "parallel.tensor=4", "parallel.pipeline=2", "model.n_head=6",
                       "model.n_embd=96")]  # fmt: skip
     result = run(cmd, check=False)
     assert result.returncode == 2
@@ -145,5 +145,6 @@ def test_layouts_that_cannot_run_are_refused_together() -> None:
         "with ZeRO stage 3",
     ):
         assert expected in result.stderr, result.stderr
-    fits = run([ZEROLAUNCH, "check", "--world-size", "8", *overrides("parallel.tensor=2")])
+    fits = run([ZEROLAUNCH, "check", "--world-size", "8",
+                *overrides(runs["data"], "parallel.tensor=2")])  # fmt: skip
     assert "2 tensor x 4 data parallel" in fits.stdout
