@@ -185,6 +185,7 @@ def _finish(
 ) -> int:
     """The closing line and the sample; the exit code every rank leaves with."""
     from launcher.evaluation.sampling import generate_text
+    from launcher.training.sequence_parallel import whole_sequences
     from model.gpt import flops_per_token
 
     spec = plan.spec
@@ -203,9 +204,10 @@ def _finish(
         )
     if spec.sample.max_new_tokens > 0:
         # Every rank generates in lockstep: under ZeRO-3 each forward gathers shards from all.
-        text = generate_text(
-            engine.module, plan.data.tokenizer, spec.sample, seed=spec.train.seed, device=device
-        )
+        with whole_sequences(engine.module):  # each sequence rank samples whole sequences
+            text = generate_text(
+                engine.module, plan.data.tokenizer, spec.sample, seed=spec.train.seed, device=device
+            )
         if plan.env.is_main:
             print(f"\n--- sample ---\n{text}\n--------------", flush=True)
     return 0

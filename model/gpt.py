@@ -208,6 +208,31 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.sequence_mixer: Callable | None = None
+        """Set by a launcher for sequence parallelism: takes this rank's slice of the sequence
+        as q, k, v (B, heads, T / ranks, d) and returns attention over the whole sequence for
+        it (calling `core` on whole sequences of some heads); None = `core` here."""
+
+    def core(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = True,
+    ) -> torch.Tensor:
+        """Attention of (B, heads, T, d) queries over keys and values (B, kv heads, T', d)."""
+        # SDPA picks flash / memory-efficient kernels on GPUs where they apply; with fewer
+        # key/value heads each serves n_head / n_kv_head query heads without being copied.
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal,
+            enable_gqa=k.size(1) != q.size(1),
+        )
 
     def forward(
         self,
@@ -234,17 +259,10 @@ class CausalSelfAttention(nn.Module):
                 mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         elif cache is not None:
             k, v = cache.append(self.layer, k, v)
-        # SDPA picks flash / memory-efficient kernels on GPUs where they apply; with fewer
-        # key/value heads each serves n_head / n_kv_head query heads without being copied.
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
+        if self.sequence_mixer is not None and cache is None:
+            y = self.sequence_mixer(q, k, v)
+        else:
+            y = self.core(q, k, v, mask, causal)
         # n_head * d is C, or this rank's share of it under tensor parallelism.
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * d)
         return self.resid_dropout(self.c_proj(y))
@@ -302,6 +320,9 @@ class GPT(nn.Module):
         if problems:
             raise ValueError("; ".join(problems))
         self.config = config
+        self.position_offset = 0
+        """Position of idx's first token: this rank's slice of the sequence under sequence
+        parallelism (set by the launcher); 0 otherwise."""
         # Swappable so a launcher can use DeepSpeed's (partitioned, CPU-offloaded) checkpointing.
         self.checkpoint_fn: Callable = functools.partial(checkpoint, use_reentrant=False)
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
@@ -348,7 +369,7 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position; with targets, also the mean cross-entropy loss. With a
         cache, idx continues the positions it holds (generation)."""
-        start = 0 if cache is None else cache.length
+        start = self.position_offset if cache is None else cache.length
         T = idx.size(1)
         if self.config.block_size < start + T:
             raise ValueError(

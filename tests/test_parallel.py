@@ -1,6 +1,7 @@
-"""Tensor parallelism through the launcher: 4 gloo ranks as 2 tensor x 2 data parallel train the
-same losses as 1 rank, hold half the parameters each, resume bit for bit (and at another layout
-through the universal format), export the same model; layouts that cannot run are refused
+"""Tensor and sequence parallelism through the launcher: 4 gloo ranks as 2 tensor x 2 data,
+2 sequence x 2 data and 2 tensor x 2 sequence parallel train the same losses as 1 rank; tensor
+ranks hold half the parameters each; checkpoints resume bit for bit (and at another layout
+through the universal format) and export the same model; layouts that cannot run are refused
 before anything starts."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import torch
 from conftest import DEEPSPEED, PYTHON, TINY, ZEROLAUNCH, free_port, overrides, read_metrics, run
 
-ITEMS = [*TINY, "train.max_steps=10", "train.log_interval=1", "eval.interval=5",
+ITEMS = [*TINY, "model.n_head=4", "train.max_steps=10", "train.log_interval=1", "eval.interval=5",
          "checkpoint.interval=5", "checkpoint.keep_last=0", "sample.max_new_tokens=20",
          "monitor.wandb.mode=disabled"]  # fmt: skip
 GLOBAL_BATCH = 8  # sequences per step in both layouts
@@ -36,29 +37,40 @@ def _losses(out: Path, name: str = "Loss/train") -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The same model and data: 1 rank at ZeRO-0, and 2 tensor x 2 data parallel at ZeRO-1."""
+    """The same model and data: 1 rank at ZeRO-0; on 4 ranks, 2 tensor x 2 data parallel at
+    ZeRO-1, 2 sequence x 2 data parallel at ZeRO-2, 2 tensor x 2 sequence parallel at ZeRO-1."""
     root = tmp_path_factory.mktemp("parallel")
     data = f"data.train={tiny_data}"
-    one = _train(
-        root / "one", 1, "ds_configs/zero0.json", data, f"train.micro_batch_size={GLOBAL_BATCH}"
-    )
+    micro = f"train.micro_batch_size={GLOBAL_BATCH}"
+    one = _train(root / "one", 1, "ds_configs/zero0.json", data, micro)
     tp = _train(root / "tp", 4, "ds_configs/zero1.json", data, "train.micro_batch_size=4",
                 "parallel.tensor=2")  # fmt: skip
-    return {"root": root, "one": root / "one", "tp": root / "tp", "stdout": {"one": one, "tp": tp},
+    sp = _train(root / "sp", 4, "ds_configs/zero2.json", data, "train.micro_batch_size=4",
+                "parallel.sequence=2")  # fmt: skip
+    tpsp = _train(root / "tpsp", 4, "ds_configs/zero1.json", data, micro, "parallel.tensor=2",
+                  "parallel.sequence=2", "sample.max_new_tokens=0")  # fmt: skip
+    return {"root": root, "one": root / "one", "tp": root / "tp", "sp": root / "sp",
+            "tpsp": root / "tpsp", "stdout": {"one": one, "tp": tp, "sp": sp, "tpsp": tpsp},
             "data": data}  # fmt: skip
 
 
-def test_tensor_x_data_parallel_trains_the_one_rank_losses(runs: dict) -> None:
-    assert "2 tensor x 2 data parallel" in runs["stdout"]["tp"]
-    one, tp = _losses(runs["one"]), _losses(runs["tp"])
-    assert sorted(tp) == list(range(1, 11))
-    assert max(abs(one[s] - tp[s]) for s in one) < 1e-4, (one, tp)
-    assert _losses(runs["one"], "Loss/val") == pytest.approx(
-        _losses(runs["tp"], "Loss/val"), abs=1e-4
-    )
-    # Both layouts sample the same text (every tensor-parallel rank draws the same tokens).
-    sample = lambda out: out.split("--- sample ---")[1].split("-----")[0]  # noqa: E731
-    assert sample(runs["stdout"]["one"]) == sample(runs["stdout"]["tp"])
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [("tp", "2 tensor x 2 data parallel"), ("sp", "2 sequence x 2 data parallel"),
+     ("tpsp", "2 tensor x 2 sequence x 1 data parallel")],
+)  # fmt: skip
+def test_every_layout_trains_the_one_rank_losses(runs: dict, name: str, layout: str) -> None:
+    """4 gloo ranks, fp32, dropout 0: the losses of the 1-rank ZeRO-0 run of the same model
+    and data (the global batch is 8 sequences everywhere)."""
+    assert layout in runs["stdout"][name]
+    one, split = _losses(runs["one"]), _losses(runs[name])
+    assert sorted(split) == list(range(1, 11))
+    assert max(abs(one[s] - split[s]) for s in one) < 1e-4, (one, split)
+    val = _losses(runs[name], "Loss/val")
+    assert _losses(runs["one"], "Loss/val") == pytest.approx(val, abs=1e-4)
+    if name != "tpsp":  # the same text (every rank of a replica draws the same tokens)
+        sample = lambda out: out.split("--- sample ---")[1].split("-----")[0]  # noqa: E731
+        assert sample(runs["stdout"]["one"]) == sample(runs["stdout"][name])
 
 
 def test_each_tensor_parallel_rank_holds_about_half_the_parameters(runs: dict) -> None:

@@ -1,5 +1,6 @@
 """Where each rank sits in the 3D layout (pipeline, data, sequence, tensor), its process groups,
-and the `mpu` object DeepSpeed asks for them.
+and the `mpu` object DeepSpeed asks for them (with sequence parallelism, gradients are reduced
+and ZeRO shards over the sequence x data ranks, which hold the same weights).
 
 Ranks are numbered with the tensor axis fastest, then sequence, then data, then pipeline
 (Megatron's order, and DeepSpeed's pipe topology's): the tensor-parallel ranks of one layer are
@@ -16,8 +17,10 @@ from launcher.config.spec import ParallelConfig
 
 AXES = ("pipeline", "data", "sequence", "tensor")
 """Slowest to fastest."""
-BUILT = {"tensor"}
-"""The model-parallel axes this version trains with (pipeline and sequence: not yet)."""
+BUILT = {"tensor", "sequence"}
+"""The model-parallel axes this version trains with (pipeline: not yet)."""
+SEQ_DATA = "sequence_data"
+"""The group of ranks that differ only in their sequence and data coordinates."""
 
 
 @dataclass(frozen=True)
@@ -67,12 +70,12 @@ class Layout:
             rank = rank * size + coords[axis]
         return rank
 
-    def group_ranks(self, axis: str) -> list[list[int]]:
-        """Every group along `axis`: ranks that differ only in that coordinate."""
+    def group_ranks(self, *axes: str) -> list[list[int]]:
+        """Every group along `axes`: ranks that differ only in those coordinates."""
         groups: dict[tuple, list[int]] = {}
         for rank in range(self.world_size):
             coords = self.coords(rank)
-            key = tuple(v for a, v in coords.items() if a != axis)
+            key = tuple(v for a, v in coords.items() if a not in axes)
             groups.setdefault(key, []).append(rank)
         return list(groups.values())
 
@@ -92,8 +95,8 @@ def layout_problems(parallel: ParallelConfig, world_size: int, model: Any) -> li
             problems.append(f"parallel.{axis}: must be >= 1, got {size}")
         elif size > 1 and axis not in BUILT:
             problems.append(
-                f"parallel.{axis}={size}: {axis} parallelism is not built yet (tensor "
-                f"parallelism is); set parallel.{axis}=1"
+                f"parallel.{axis}={size}: {axis} parallelism is not built yet (tensor and "
+                f"sequence parallelism are); set parallel.{axis}=1"
             )
     if any(getattr(parallel, axis) < 1 for axis in ("tensor", "pipeline", "sequence")):
         return problems
@@ -109,6 +112,27 @@ def layout_problems(parallel: ParallelConfig, world_size: int, model: Any) -> li
         from model.tensor_parallel import tp_problems
 
         problems += tp_problems(model, parallel.tensor)
+    if parallel.sequence > 1 and model is not None:
+        problems += sequence_problems(model, parallel.tensor, parallel.sequence)
+    return problems
+
+
+def sequence_problems(model: Any, tensor: int, sequence: int) -> list[str]:
+    """Ulysses trades sequence slices for heads: each tensor rank's query and key/value heads
+    must split over the sequence ranks, and the context into equal slices."""
+    problems = []
+    for name, heads in (("model.n_head", model.n_head), ("model.n_kv_head", model.kv_heads)):
+        if heads % (tensor * sequence):
+            problems.append(
+                f"{name}={heads} does not split over parallel.tensor x parallel.sequence = "
+                f"{tensor} x {sequence} (Ulysses gives each sequence rank whole heads): use "
+                f"sizes whose product divides {heads}"
+            )
+    if model.block_size % sequence:
+        problems.append(
+            f"model.block_size={model.block_size} is not divisible by parallel.sequence="
+            f"{sequence}: each sequence rank takes an equal slice"
+        )
     return problems
 
 
@@ -124,11 +148,13 @@ class ParallelGroups:
         self.coords = layout.coords(rank)
         self.groups: dict[str, Any] = {}
         self.members: dict[str, list[int]] = {}
-        for axis in AXES:
-            for ranks in layout.group_ranks(axis):
+        # One group per axis, and the sequence x data ranks (which reduce gradients and shard
+        # ZeRO's states when the sequence is split: they all hold the same weights).
+        for name, axes in [*((axis, (axis,)) for axis in AXES), (SEQ_DATA, ("sequence", "data"))]:
+            for ranks in layout.group_ranks(*axes):
                 group = dist.new_group(ranks)
                 if rank in ranks:
-                    self.groups[axis], self.members[axis] = group, ranks
+                    self.groups[name], self.members[name] = group, ranks
 
     # DeepSpeed's mpu interface (deepspeed/runtime/engine.py, zero/stage_1_and_2.py, utils.py)
     def get_data_parallel_group(self) -> Any:
@@ -164,3 +190,18 @@ class ParallelGroups:
 
     def get_sequence_parallel_world_size(self) -> int:
         return self.layout.sequence
+
+    def get_sequence_parallel_group(self) -> Any:
+        return self.groups["sequence"]
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.coords["sequence"]
+
+    def get_sequence_data_parallel_group(self) -> Any:
+        return self.groups[SEQ_DATA]
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.members[SEQ_DATA].index(self.rank)
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.layout.sequence * self.layout.data

@@ -29,6 +29,7 @@ from launcher.monitoring.sinks import MetricsLog, Sinks, WandbSink, file_sinks
 from launcher.monitoring.timing import StepTimer
 from launcher.runtime.stopping import TIME_LIMIT, Deadline, Stopper
 from launcher.runtime.topology import ParallelGroups
+from launcher.training import sequence_parallel
 from launcher.training.divergence import Diverged, DivergenceWatch, advice, decode
 from launcher.training.engine import build_engine, set_lr
 from launcher.training.memory import engine_state_bytes
@@ -136,6 +137,9 @@ def _model(plan: RunPlan, groups: ParallelGroups | None) -> GPT:
     if groups is not None and plan.layout.tensor > 1:
         tp = TPGroup(groups.groups["tensor"], groups.coords["tensor"], plan.layout.tensor)
         model = parallelize(model, tp)
+    if groups is not None and plan.layout.sequence > 1:
+        sequence = (groups.groups["sequence"], groups.coords["sequence"], plan.layout.sequence)
+        sequence_parallel.enable(model, *sequence)
     return model
 
 
@@ -227,7 +231,8 @@ def _batches(plan: RunPlan, device: torch.device) -> tuple[Batches, dict[str, Ba
     builder = env.local_rank == 0
     plan.data.train.prepare(spec.train.max_steps * engine.train_batch_size, is_builder=builder)
     dp_size, dp_rank = plan.layout.data, plan.coords["data"]
-    layout = (engine.micro_batch_size, engine.grad_accum_steps, dp_size, dp_rank, device)
+    layout = (engine.micro_batch_size, engine.grad_accum_steps, dp_size, dp_rank, device,
+              plan.layout.sequence, plan.coords["sequence"])  # fmt: skip
     batches = Batches(plan.data.train, *layout)
     if not spec.eval.interval:
         return batches, {}
@@ -256,7 +261,14 @@ def _loop(s: Session, state: TrainState) -> None:
         set_lr(s.engine, lr_at(state.step, t))
         s.profiler.step_started(state.step + 1)
         s.reporter.step_started()
-        loss = train_step(s.engine, s.batches, state.step, t.grad_accum_steps, s.reporter.timer)
+        loss = train_step(
+            s.engine,
+            s.batches,
+            state.step,
+            t.grad_accum_steps,
+            s.reporter.timer,
+            1.0 / s.plan.layout.sequence,
+        )
         s.reporter.step_done(loss)
         state.step += 1
         s.profiler.step_done(state.step)
@@ -326,7 +338,7 @@ def _task_record(s: Session) -> dict:
     share = (plan.coords["data"], plan.layout.data, s.groups.groups["data"] if s.groups else None)
     record = {}
     engine.eval()
-    with whole_logits(engine.module):
+    with whole_logits(engine.module), sequence_parallel.whole_sequences(engine.module):
         for task in plan.data.tasks:
             scores = score(task, forward, plan.engine.micro_batch_size, s.device, *share)
             record |= {f"Eval/{task.name}/{k}": v for k, v in scores.items() if k != "n"}

@@ -24,6 +24,9 @@ class Batches:
     dp_size: int
     dp_rank: int
     device: torch.device
+    sequence_size: int = 1
+    """Sequence-parallel ranks: each reads its slice of every sequence."""
+    sequence_rank: int = 0
 
     def train(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = rank_sample_indices(
@@ -43,7 +46,12 @@ class Batches:
 
     def _load(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         window = torch.from_numpy(self.samples.batch(idx))
-        x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+        x, y = window[:, :-1], window[:, 1:]
+        if self.sequence_size > 1:  # this rank's contiguous slice of the positions
+            width = x.size(1) // self.sequence_size
+            start = self.sequence_rank * width
+            x, y = x[:, start : start + width], y[:, start : start + width]
+        x, y = x.contiguous(), y.contiguous()
         if self.device.type == "cuda":
             return (
                 x.pin_memory().to(self.device, non_blocking=True),
@@ -53,17 +61,25 @@ class Batches:
 
 
 def train_step(
-    engine: Any, batches: Any, step: int, accum: int, timer: StepTimer | None = None
+    engine: Any,
+    batches: Any,
+    step: int,
+    accum: int,
+    timer: StepTimer | None = None,
+    backward_scale: float = 1.0,
 ) -> StepLoss:
     """One optimizer step of `accum` micro-batches; `batches` is anything with
-    `.train(step, micro_step) -> (x, y)`. With a timer, each micro-step is marked (no sync)."""
+    `.train(step, micro_step) -> (x, y)`. With a timer, each micro-step is marked (no sync).
+    `backward_scale`: what each rank's loss is multiplied by for backward (1 / the sequence-
+    parallel size: DeepSpeed sums the gradients of a sequence's slices); the loss reported is
+    unscaled."""
     losses = []
     for micro in range(accum):
         start = timer.mark() if timer else None
         x, y = batches.train(step, micro)
         _, loss = engine(x, y)
         forward = timer.mark() if timer and timer.detailed else None
-        engine.backward(loss)
+        engine.backward(loss * backward_scale if backward_scale != 1.0 else loss)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         if timer:
             timer.micro_step(start, forward, timer.mark())
