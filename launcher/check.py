@@ -47,7 +47,8 @@ def stage_table(plan: RunPlan, device_memory: float | None) -> list[str]:
     )
     rows = [header]
     for stage in range(4):
-        est = estimate(plan.spec.model, plan.engine.at_stage(stage), plan.layout.tensor)
+        layout = plan.layout
+        est = estimate(plan.spec.model, plan.engine.at_stage(stage), layout.tensor, layout.sequence)
         total = est.total(checkpointing)
         mark = "<- configured" if stage == configured else ""
         if device_memory is not None:
@@ -69,7 +70,7 @@ def cross_check(plan: RunPlan) -> str:
     if found is None:
         return f"DeepSpeed has no model-states estimate for ZeRO-{plan.engine.zero_stage}"
     name, device, host = found
-    ours = estimate(plan.spec.model, plan.engine, plan.layout.tensor)
+    ours = estimate(plan.spec.model, plan.engine, plan.layout.tensor, plan.layout.sequence)
     note = "" if plan.engine.half else " (DeepSpeed's formula assumes 16-bit training)"
     return (
         f"model states per device: ours {_gib(ours.model_states)} GiB (host {_gib(ours.cpu)} per "

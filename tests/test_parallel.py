@@ -73,13 +73,19 @@ def test_every_layout_trains_the_one_rank_losses(runs: dict, name: str, layout: 
         assert sample(runs["stdout"]["one"]) == sample(runs["stdout"][name])
 
 
-def test_each_tensor_parallel_rank_holds_about_half_the_parameters(runs: dict) -> None:
+def test_the_memory_each_rank_holds_is_the_estimate(runs: dict) -> None:
     whole = json.loads((runs["one"] / "memory.json").read_text())["measured_bytes_per_rank"][0]
     report = json.loads((runs["tp"] / "memory.json").read_text())
     for held in report["measured_bytes_per_rank"]:
         # 1/2 of every split matrix, all of the norms and the position table.
         assert 0.5 < held["params"] / whole["params"] < 0.56
         assert held["params"] == report["estimated_bytes_per_rank"]["params"]
+    # Sequence parallelism: whole weights; ZeRO-2 shards over the 2 sequence x 2 data ranks.
+    report = json.loads((runs["sp"] / "memory.json").read_text())
+    for held in report["measured_bytes_per_rank"]:
+        assert held["params"] == whole["params"] and held["optimizer"] == whole["optimizer"] * 3 / 8
+        for key in ("params", "grads", "optimizer"):
+            assert held[key] == report["estimated_bytes_per_rank"][key], key
 
 
 def _copy_tag(runs: dict, dest: Path, tag: str = "global_step5") -> Path:

@@ -100,7 +100,7 @@ def _layer_terms(config: GPTConfig, dtype_bytes: int) -> tuple[float, float]:
 
 
 def activation_bytes(
-    config: GPTConfig, micro_batch: int, dtype_bytes: int, tensor: int = 1
+    config: GPTConfig, micro_batch: int, dtype_bytes: int, tensor: int = 1, sequence: int = 1
 ) -> tuple[float, float]:
     """(without checkpointing, with full checkpointing) activation bytes for one micro-batch.
 
@@ -108,9 +108,11 @@ def activation_bytes(
     fp32); with full checkpointing only each block's input (p s b h) stays, plus one block
     being recomputed. The loss adds fp32 logits and their log-softmax (8 s b vocab), tied or
     untied head alike; position embeddings are parameters, not activations. With `tensor`
-    ranks per layer, each keeps the replicated terms whole and 1/tensor of the rest.
+    ranks per layer, each keeps the replicated terms whole and 1/tensor of the rest; with
+    `sequence` ranks per sequence, each keeps its slice's (Ulysses' all-to-all buffers, the size
+    of q, k, v and the output for one layer, are left out).
     """
-    tokens, layers = config.block_size * micro_batch, config.n_layer
+    tokens, layers = config.block_size * micro_batch // sequence, config.n_layer
     replicated, split = _layer_terms(config, dtype_bytes)
     per_layer = tokens * (replicated + split / tensor)
     # fp32 logits and their softmax for the loss: each tensor-parallel rank its vocabulary slice
@@ -136,11 +138,15 @@ def tensor_parallel_params(config: GPTConfig, tensor: int) -> float:
     return replicated + (total - replicated) / tensor
 
 
-def estimate(config: GPTConfig, engine: EngineSettings, tensor: int = 1) -> Estimate:
+def estimate(
+    config: GPTConfig, engine: EngineSettings, tensor: int = 1, sequence: int = 1
+) -> Estimate:
     """Per-device memory for this model under the engine's ZeRO stage, precision, offload and
     data-parallel size (`engine.at_stage(s)` for another stage), each layer split over `tensor`
-    ranks (ZeRO then shards each rank's share over the data-parallel ranks)."""
-    stage, w = engine.zero_stage, engine.dp_size
+    ranks (ZeRO then shards each rank's share over the data-parallel ranks) and each sequence
+    over `sequence` ranks (ZeRO shards over the sequence x data ranks: they hold the same
+    weights)."""
+    stage, w = engine.zero_stage, engine.dp_size * sequence  # ZeRO shards over both
     p = tensor_parallel_params(config, tensor)
     width = 2 if engine.half else 4
     params = p * width / (w if stage >= 3 else 1)
@@ -161,7 +167,7 @@ def estimate(config: GPTConfig, engine: EngineSettings, tensor: int = 1) -> Esti
     if engine.offload_param != "none" and stage >= 3:
         cpu += params if engine.offload_param == "cpu" else 0.0
         params = 0.0
-    acts, acts_ckpt = activation_bytes(config, engine.micro_batch_size, width, tensor)
+    acts, acts_ckpt = activation_bytes(config, engine.micro_batch_size, width, tensor, sequence)
     buffers = 0.0
     if stage >= 1:
         buffers += 4 * float(engine.reduce_bucket_size)

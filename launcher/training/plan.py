@@ -422,7 +422,7 @@ def prepare_run(
     if resume is not None and resume.universal:
         engine = engine.loading_universal()
     run_id = resume.meta.run_id if resume else secrets.token_hex(6)
-    memory = estimate(spec.model, engine, layout.tensor)
+    memory = estimate(spec.model, engine, layout.tensor, layout.sequence)
     return RunPlan(
         spec, engine, env, data, resume, warnings, run_id, memory, device, init, init_hf, layout
     )
