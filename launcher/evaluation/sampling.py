@@ -29,15 +29,14 @@ def generate_text(
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    with whole_logits(model):  # every tensor-parallel rank samples the same token
-        out = model.generate(
-            torch.tensor([ids], device=device),
-            sample.max_new_tokens,
-            temperature=sample.temperature,
-            top_k=sample.top_k,
-            generator=generator,
-            vocab_limit=tokenizer.vocab_size,
-        )
+    out = model.generate(  # a tensor-parallel model gathers the whole logits itself
+        torch.tensor([ids], device=device),
+        sample.max_new_tokens,
+        temperature=sample.temperature,
+        top_k=sample.top_k,
+        generator=generator,
+        vocab_limit=tokenizer.vocab_size,
+    )
     model.train(was_training)
     return tokenizer.decode(out[0].tolist())
 

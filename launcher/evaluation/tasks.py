@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.errors import UserError
+from launcher.evaluation.val_loss import rank_share
 
 MULTIPLE_CHOICE = "multiple_choice"
 LAST_WORD = "last_word"
@@ -354,12 +355,11 @@ def _score_batch(
     return ll.index_add_(0, rows, token_ll), misses.index_add_(0, rows, missed) == 0
 
 
-def _rank_order(task: Task, rank: int, world_size: int) -> list[int]:
-    """This rank's requests: longest first over all of them (as lm-eval sorts), dealt out in
-    turn so that every rank gets a share of long and short ones."""
+def _longest_first(task: Task) -> list[int]:
+    """Request indices, longest first (as lm-eval sorts); dealt out in turn over the ranks,
+    every rank gets a share of long and short ones."""
     lengths = [len(r.context) + len(r.continuation) for r in task.requests]
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return order[rank::world_size]
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
 
 
 @torch.no_grad()
@@ -374,17 +374,16 @@ def loglikelihoods(
 ) -> tuple[list[float], list[bool]]:
     """Log-likelihood and greedy flag of every request of the task, on every rank. `rank` and
     `world_size` are within `group` (None: every rank), over which the results are summed."""
-    total = len(task.requests)
-    mine = _rank_order(task, rank, world_size)
+    total, order = len(task.requests), _longest_first(task)
     # Every rank makes as many forward calls as the rank with the most requests.
-    n_batches = math.ceil(math.ceil(total / world_size) / micro_batch_size)
+    batches, most = rank_share(total, rank, world_size, micro_batch_size)
     ll = torch.zeros(total, dtype=torch.float64, device=device)
     greedy = torch.zeros(total, dtype=torch.float64, device=device)
-    for b in range(n_batches):
-        chunk = mine[b * micro_batch_size : (b + 1) * micro_batch_size]
-        if not chunk:
+    for b in range(most):
+        if b >= len(batches):
             forward(torch.zeros(1, 1, dtype=torch.long, device=device))  # results discarded
             continue
+        chunk = [order[i] for i in batches[b]]
         windows = [_window(task.requests[i], task.block_size) for i in chunk]
         targets = [task.requests[i].continuation for i in chunk]
         batch_ll, batch_greedy = _score_batch(windows, targets, forward, device)

@@ -39,7 +39,7 @@ from launcher.checkpoints.universal import needs_universal
 from launcher.config.ds_config import EngineSettings, load_ds_config, resolve_engine
 from launcher.config.load import load_spec
 from launcher.config.paths import DEFAULT_SPEC, display_path
-from launcher.config.spec import ModelSpec, RunSpec
+from launcher.config.spec import RunSpec
 from launcher.errors import UserError, combined
 from launcher.evaluation.tasks import Task, load_tasks
 from launcher.runtime.distributed import DistEnv, bf16_supported, detect_env, device_type
@@ -387,7 +387,7 @@ def prepare_run(
     spec = load_spec(spec_path, overrides)  # everything else reads the spec
     env = env or detect_env()
     device = device or device_type()
-    problems = layout_problems(spec.parallel, env.world_size, _shape(spec))
+    problems = layout_problems(spec.parallel, env.world_size, spec.model)
     layout = Layout.of(spec.parallel, env.world_size)
     engine, warnings = _attempt(
         problems,
@@ -426,12 +426,6 @@ def prepare_run(
     return RunPlan(
         spec, engine, env, data, resume, warnings, run_id, memory, device, init, init_hf, layout
     )
-
-
-def _shape(spec: RunSpec) -> ModelSpec:
-    """The model's shape for the layout checks, when its vocabulary is known before the data
-    is opened (else the tensor split of the vocabulary is checked once it is)."""
-    return spec.model if spec.model.vocab_size is not None else replace(spec.model, vocab_size=0)
 
 
 def _zero_problems(layout: Layout, engine: EngineSettings) -> list[str]:
