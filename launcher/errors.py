@@ -46,10 +46,23 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except UserError as e:
         if launcher_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        _leave(EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        sys.exit(130)
-    sys.exit(code or 0)
+        _leave(130)
+    _leave(code or 0)
+
+
+def _leave(code: int) -> None:
+    """Exit with `code`. Once a process group is up, skip interpreter teardown: the C++ threads
+    of the communication backends can abort it ("terminate called without an active
+    exception", exit -6), turning a clean exit 2 into a crash (seen in CI when a second run
+    found the directory locked)."""
+    dist = sys.modules.get("torch.distributed")  # never import torch for this
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def launcher_rank() -> int:
