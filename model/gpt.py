@@ -400,11 +400,12 @@ class GPT(nn.Module):
         """The head: logits of the final hidden states and, with targets, the mean cross-entropy.
         Tensor parallelism overrides this hook (its loss works on vocabulary shards)."""
         logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            # Loss in fp32 even when the model runs in bf16/fp16.
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return logits, None if targets is None else self.loss(logits, targets)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of the head's logits, in fp32 even when the model runs in
+        bf16/fp16 (tensor parallelism overrides it: its logits are vocabulary shards)."""
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
     @torch.no_grad()
     def generate(

@@ -319,12 +319,13 @@ class TensorParallelGPT(GPT):
         self, x: torch.Tensor, targets: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = vocab_parallel_cross_entropy(logits, targets, self.tp)
+        loss = None if targets is None else self.loss(logits, targets)
         if self.gather_logits:
             logits = gather_from_region(logits, self.tp)
         return logits, loss
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, targets, self.tp)
 
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """GPT.generate with the whole logits (every rank must pass the same generator state,
