@@ -48,7 +48,8 @@ def stage_table(plan: RunPlan, device_memory: float | None) -> list[str]:
     rows = [header]
     for stage in range(4):
         layout = plan.layout
-        est = estimate(plan.spec.model, plan.engine.at_stage(stage), layout.tensor, layout.sequence)
+        sizes = (layout.tensor, layout.sequence, layout.pipeline)
+        est = estimate(plan.spec.model, plan.engine.at_stage(stage), *sizes)
         total = est.total(checkpointing)
         mark = "<- configured" if stage == configured else ""
         if device_memory is not None:
@@ -64,8 +65,8 @@ def stage_table(plan: RunPlan, device_memory: float | None) -> list[str]:
 
 def cross_check(plan: RunPlan) -> str:
     """DeepSpeed's own model-states estimate for the configured stage beside ours."""
-    if plan.layout.tensor > 1:
-        return "DeepSpeed's model-states estimates do not know tensor parallelism: ours alone"
+    if plan.layout.tensor > 1 or plan.layout.pipeline > 1:
+        return "DeepSpeed's model-states estimates know neither tensor nor pipeline parallelism"
     found = deepspeed_estimate(plan.spec.model, plan.engine, plan.env.local_world_size)
     if found is None:
         return f"DeepSpeed has no model-states estimate for ZeRO-{plan.engine.zero_stage}"

@@ -202,7 +202,14 @@ def _finish(
             f"checkpoints in {spec.run_dir / 'checkpoints'}",
             flush=True,
         )
-    if spec.sample.max_new_tokens > 0:
+    if spec.sample.max_new_tokens > 0 and plan.layout.pipeline > 1:
+        if plan.env.is_main:  # no stage holds the whole model; the saved tag does
+            print(
+                "sample: pipelined training holds no whole model on any rank; sample the saved "
+                f"checkpoint with `zerolaunch sample --run {spec.run_dir}`",
+                flush=True,
+            )
+    elif spec.sample.max_new_tokens > 0:
         # Every rank generates in lockstep: under ZeRO-3 each forward gathers shards from all.
         with whole_sequences(engine.module):  # each sequence rank samples whole sequences
             text = generate_text(

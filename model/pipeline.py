@@ -113,3 +113,29 @@ def block_range(layers: range, config: GPTConfig) -> range:
     first = max(layers.start, 2) - 2
     last = min(layers.stop, 2 + config.n_layer) - 2
     return range(first, max(first, last))
+
+
+def gpt_name(name: str, config: GPTConfig) -> str | None:
+    """The GPT's name of a pipeline parameter or state-dict key: `tied_modules.embed.wte.weight`
+    (DeepSpeed's name of the tied module) or `<layer>.<key>` (its layer index); a GPT name is
+    returned as it is. None: a key the GPT keeps under another name (the tied head)."""
+    head, _, rest = name.partition(".")
+    if head == "tied_modules":
+        return layer_names(config)[0](rest.partition(".")[2])
+    if head.isdigit():
+        return layer_names(config)[int(head)](rest)
+    return name
+
+
+def merge_layers(layers: dict[int, dict[str, torch.Tensor]], config: GPTConfig) -> dict:
+    """The GPT state dict from the state dicts of every pipeline layer (by layer index)."""
+    maps = layer_names(config)
+    state = {}
+    for index, layer_state in sorted(layers.items()):
+        for key, value in layer_state.items():
+            name = maps[index](key)
+            if name is not None:
+                state[name] = value
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state

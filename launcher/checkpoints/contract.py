@@ -71,6 +71,10 @@ class CheckpointMeta:
         return int(self.parallel.get("tensor", 1))
 
     @property
+    def pipeline_parallel(self) -> int:
+        return int(self.parallel.get("pipeline", 1))
+
+    @property
     def data_parallel(self) -> int:
         """Model replicas that wrote it: the ranks over tensor x pipeline x sequence."""
         per_replica = 1

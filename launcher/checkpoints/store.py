@@ -490,6 +490,8 @@ def load_weights(tag_dir: Path, lazy: bool = False) -> dict[str, Any]:
     With lazy, values may be deferred (call `.contiguous()`): memory stays near one tensor.
     """
     meta = read_meta(tag_dir)
+    if meta.pipeline_parallel > 1:
+        return _merged_pipeline(tag_dir, meta)
     if meta.tensor_parallel > 1:
         return _merged_tensor_parallel(tag_dir, meta)
     if meta.zero_stage == 0:
@@ -512,9 +514,6 @@ def _merged_tensor_parallel(tag_dir: Path, meta: CheckpointMeta) -> dict[str, An
     """The whole model's weights from a tensor-parallel tag: each tensor-parallel rank's model
     states (mp_rank_NN, in the training precision), put back together. (DeepSpeed's zero_to_fp32
     reads one model-parallel rank only.)"""
-    from dataclasses import fields as dataclass_fields
-
-    from model.gpt import GPTConfig
     from model.tensor_parallel import merge_states
 
     shards = []
@@ -526,9 +525,35 @@ def _merged_tensor_parallel(tag_dir: Path, meta: CheckpointMeta) -> dict[str, An
             mmap=True,
         )
         shards.append({k: v.float() for k, v in states["module"].items()})
+    return merge_states(shards, _model_config(meta))
+
+
+def _merged_pipeline(tag_dir: Path, meta: CheckpointMeta) -> dict[str, Any]:
+    """The whole model's weights from a pipeline-parallel tag: DeepSpeed writes each layer's
+    state (layer_NN-model_TT-model_states.pt, one per tensor-parallel rank TT, in the training
+    precision), named as the layer's; renamed as the GPT's, then the tensor shards joined."""
+    from model.pipeline import merge_layers
+    from model.tensor_parallel import merge_states
+
+    config, shards = _model_config(meta), []
+    for rank in range(meta.tensor_parallel):
+        layers = {}
+        for path in sorted(tag_dir.glob(f"layer_*-model_{rank:02d}-model_states.pt")):
+            index = int(path.name.split("-")[0].removeprefix("layer_"))
+            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            layers[index] = {k: v.float() for k, v in state.items()}
+        shards.append(merge_layers(layers, config))
+    return shards[0] if len(shards) == 1 else merge_states(shards, config)
+
+
+def _model_config(meta: CheckpointMeta) -> Any:
+    """The GPTConfig a tag's meta records."""
+    from dataclasses import fields as dataclass_fields
+
+    from model.gpt import GPTConfig
+
     names = {f.name for f in dataclass_fields(GPTConfig)}
-    config = GPTConfig(**{k: v for k, v in meta.model.items() if k in names})
-    return merge_states(shards, config)
+    return GPTConfig(**{k: v for k, v in meta.model.items() if k in names})
 
 
 def read_run_spec(run_dir: Path) -> RunSpec:

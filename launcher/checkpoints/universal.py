@@ -30,11 +30,15 @@ UNIVERSAL_VERSION = 0.2
 
 def tensor_parallel_info(model: Any, config: Any) -> dict:
     """What ds_to_universal must know of a tensor-parallel model's parameters, by name."""
+    from model.pipeline import gpt_name
     from model.tensor_parallel import split_layout
 
     replicated, rows, fused = [], [], []
-    for name, _ in model.named_parameters():
-        layout, pattern = split_layout(name, config), re.escape(name) + "$"
+    for name, _ in model.named_parameters():  # a pipeline's names are its layers'
+        layout, pattern = (
+            split_layout(gpt_name(name, config) or name, config),
+            re.escape(name) + "$",
+        )
         if layout is None:
             replicated.append(pattern)
         elif layout[0] == 1:

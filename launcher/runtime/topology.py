@@ -17,8 +17,8 @@ from launcher.config.spec import ParallelConfig
 
 AXES = ("pipeline", "data", "sequence", "tensor")
 """Slowest to fastest."""
-BUILT = {"tensor", "sequence"}
-"""The model-parallel axes this version trains with (pipeline: not yet)."""
+BUILT = {"tensor", "sequence", "pipeline"}
+"""The model-parallel axes this version trains with."""
 SEQ_DATA = "sequence_data"
 """The group of ranks that differ only in their sequence and data coordinates."""
 
@@ -114,6 +114,26 @@ def layout_problems(parallel: ParallelConfig, world_size: int, model: Any) -> li
         problems += tp_problems(model, parallel.tensor)
     if parallel.sequence > 1 and model is not None:
         problems += sequence_problems(model, parallel.tensor, parallel.sequence)
+    if parallel.pipeline > 1 and model is not None:
+        problems += pipeline_problems(model, parallel.pipeline, parallel.sequence)
+    return problems
+
+
+def pipeline_problems(model: Any, pipeline: int, sequence: int) -> list[str]:
+    """Each stage takes whole transformer blocks, at least one; DeepSpeed's pipe topology has
+    no sequence axis."""
+    problems = []
+    if pipeline > model.n_layer:
+        problems.append(
+            f"parallel.pipeline={pipeline} exceeds model.n_layer={model.n_layer}: each stage "
+            f"needs at least one transformer block; use at most {model.n_layer} stages"
+        )
+    if sequence > 1:
+        problems.append(
+            f"parallel.pipeline={pipeline} with parallel.sequence={sequence}: DeepSpeed's "
+            "pipeline engine lays ranks out as pipe x data x model and has no sequence axis; "
+            "combine pipeline with tensor parallelism instead, or sequence with tensor"
+        )
     return problems
 
 

@@ -14,7 +14,7 @@ from model.gpt import GPT, param_groups
 
 
 def build_optimizer(
-    model: GPT, train: TrainConfig, offload_optimizer: str
+    model: torch.nn.Module, train: TrainConfig, offload_optimizer: str
 ) -> torch.optim.Optimizer:
     """The spec's AdamW: DeepSpeed's CPU Adam when the optimizer is offloaded (to the CPU or to
     NVMe, whose states are stepped on the CPU too), else torch's fused AdamW."""
@@ -60,7 +60,7 @@ def deepspeed_config(ds_config: dict) -> dict:
 
 
 def build_engine(
-    model: GPT,
+    model: torch.nn.Module,
     train: TrainConfig,
     settings: EngineSettings,
     async_save: bool = False,
@@ -73,7 +73,8 @@ def build_engine(
     written per tensor-parallel rank (mp_rank_NN)."""
     import deepspeed
 
-    use_deepspeed_checkpointing(model, settings.activation_checkpointing)
+    if isinstance(model, GPT):  # a PipelineModule's blocks were given it before
+        use_deepspeed_checkpointing(model, settings.activation_checkpointing)
     optimizer = build_optimizer(model, train, settings.offload_optimizer)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(settings.ds_config), mpu=mpu

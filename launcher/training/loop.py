@@ -31,8 +31,9 @@ from launcher.runtime.stopping import TIME_LIMIT, Deadline, Stopper
 from launcher.runtime.topology import ParallelGroups
 from launcher.training import sequence_parallel
 from launcher.training.divergence import Diverged, DivergenceWatch, advice, decode
-from launcher.training.engine import build_engine, set_lr
+from launcher.training.engine import build_engine, set_lr, use_deepspeed_checkpointing
 from launcher.training.memory import engine_state_bytes
+from launcher.training.pipeline import pipeline_module, pipeline_step, pipeline_val_loss
 from launcher.training.plan import RunPlan
 from launcher.training.profile import StepProfiler
 from launcher.training.schedule import lr_at
@@ -92,7 +93,9 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
     torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
     groups = ParallelGroups(plan.layout, env.rank) if plan.layout.model_parallel > 1 else None
     model = _model(plan, groups)
-    engine = build_engine(model, spec.train, plan.engine, spec.checkpoint.async_save, groups)
+    # A pipeline engine builds its own groups (pipe x data x model, the same ranks as ours).
+    mpu = groups if plan.layout.pipeline == 1 else None
+    engine = build_engine(model, spec.train, plan.engine, spec.checkpoint.async_save, mpu)
     # Distinct dropout masks per data-parallel rank; the tensor-parallel ranks of a replica
     # share theirs (their activations outside the split matrices are one and the same).
     torch.manual_seed(spec.train.seed + 1000 * plan.coords["data"])
@@ -124,11 +127,12 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
     return engine, state
 
 
-def _model(plan: RunPlan, groups: ParallelGroups | None) -> GPT:
+def _model(plan: RunPlan, groups: ParallelGroups | None) -> torch.nn.Module:
     """The GPT, initialised from a tag's weights for checkpoint.init_from, or a Hugging Face
     model's for model.init_from (every rank reads them whole, in fp32; DeepSpeed partitions them
     as usual); then cut to this rank's tensor-parallel shard (every rank built the same whole
-    model from the same seed, so the shards are the whole model's)."""
+    model from the same seed, so the shards are the whole model's); with pipeline parallelism,
+    DeepSpeed's PipelineModule of its layers, holding this rank's stage."""
     model = GPT(plan.spec.model)
     if plan.init_from is not None and plan.resume is None:
         model.load_state_dict(store.load_weights(plan.init_from))
@@ -140,6 +144,9 @@ def _model(plan: RunPlan, groups: ParallelGroups | None) -> GPT:
     if groups is not None and plan.layout.sequence > 1:
         sequence = (groups.groups["sequence"], groups.coords["sequence"], plan.layout.sequence)
         sequence_parallel.enable(model, *sequence)
+    if plan.layout.pipeline > 1:
+        use_deepspeed_checkpointing(model, plan.engine.activation_checkpointing)
+        return pipeline_module(model, plan.layout, plan.coords["tensor"])
     return model
 
 
@@ -261,14 +268,19 @@ def _loop(s: Session, state: TrainState) -> None:
         set_lr(s.engine, lr_at(state.step, t))
         s.profiler.step_started(state.step + 1)
         s.reporter.step_started()
-        loss = train_step(
-            s.engine,
-            s.batches,
-            state.step,
-            t.grad_accum_steps,
-            s.reporter.timer,
-            1.0 / s.plan.layout.sequence,
-        )
+        if s.plan.layout.pipeline > 1:
+            loss = pipeline_step(
+                s.engine, s.batches, state.step, t.grad_accum_steps, s.reporter.timer
+            )
+        else:
+            loss = train_step(
+                s.engine,
+                s.batches,
+                state.step,
+                t.grad_accum_steps,
+                s.reporter.timer,
+                1.0 / s.plan.layout.sequence,
+            )
         s.reporter.step_done(loss)
         state.step += 1
         s.profiler.step_done(state.step)
@@ -323,7 +335,8 @@ def _val_record(s: Session, step: int) -> dict:
     """Each val set's loss (Loss/val/<name> when eval.sets names them); the monitored one as
     Loss/val, which the overfitting detector and `best` follow."""
     spec, data = s.plan.spec, s.plan.data
-    losses = {name: evaluate(s.engine, b, spec.eval.batches) for name, b in s.val_batches.items()}
+    val_loss = pipeline_val_loss if s.plan.layout.pipeline > 1 else evaluate
+    losses = {name: val_loss(s.engine, b, spec.eval.batches) for name, b in s.val_batches.items()}
     record = s.reporter.val_record(step, losses[data.monitor])
     if spec.eval.sets:
         record |= {f"Loss/val/{name}": loss for name, loss in losses.items()}

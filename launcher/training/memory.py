@@ -17,7 +17,7 @@ being recomputed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -100,7 +100,13 @@ def _layer_terms(config: GPTConfig, dtype_bytes: int) -> tuple[float, float]:
 
 
 def activation_bytes(
-    config: GPTConfig, micro_batch: int, dtype_bytes: int, tensor: int = 1, sequence: int = 1
+    config: GPTConfig,
+    micro_batch: int,
+    dtype_bytes: int,
+    tensor: int = 1,
+    sequence: int = 1,
+    pipeline: int = 1,
+    micro_batches: int = 1,
 ) -> tuple[float, float]:
     """(without checkpointing, with full checkpointing) activation bytes for one micro-batch.
 
@@ -110,9 +116,12 @@ def activation_bytes(
     untied head alike; position embeddings are parameters, not activations. With `tensor`
     ranks per layer, each keeps the replicated terms whole and 1/tensor of the rest; with
     `sequence` ranks per sequence, each keeps its slice's (Ulysses' all-to-all buffers, the size
-    of q, k, v and the output for one layer, are left out).
+    of q, k, v and the output for one layer, are left out). Over `pipeline` stages, the first
+    keeps the activations of its share of the blocks for as many micro-batches as 1F1B has in
+    flight there (min(stages, micro-batches)); the logits are the last stage's, one at a time.
     """
-    tokens, layers = config.block_size * micro_batch // sequence, config.n_layer
+    tokens = config.block_size * micro_batch // sequence
+    layers = -(-config.n_layer // pipeline) * min(pipeline, micro_batches)
     replicated, split = _layer_terms(config, dtype_bytes)
     per_layer = tokens * (replicated + split / tensor)
     # fp32 logits and their softmax for the loss: each tensor-parallel rank its vocabulary slice
@@ -120,6 +129,22 @@ def activation_bytes(
     full = layers * per_layer + logits
     checkpointed = layers * tokens * config.n_embd * dtype_bytes + per_layer + logits
     return full, checkpointed
+
+
+def stage_params(config: GPTConfig, tensor: int, pipeline: int) -> float:
+    """Parameters one rank holds: its tensor-parallel share of its pipeline stage's layers (the
+    busiest stage: the most blocks, and the first stage's token and position embeddings or the
+    last stage's final norm and head, whichever is larger; a tied head is a copy of the
+    embedding there)."""
+    whole = tensor_parallel_params(config, tensor)
+    if pipeline == 1:
+        return whole
+    ends = tensor_parallel_params(replace(config, n_layer=0), tensor)
+    block = (whole - ends) / config.n_layer
+    vocab = config.vocab_size * config.n_embd / tensor
+    first = vocab + (config.block_size * config.n_embd if config.positions == "learned" else 0)
+    last = ends - first + (vocab if config.tie_embeddings else 0)
+    return -(-config.n_layer // pipeline) * block + max(first, last)
 
 
 def tensor_parallel_params(config: GPTConfig, tensor: int) -> float:
@@ -139,15 +164,19 @@ def tensor_parallel_params(config: GPTConfig, tensor: int) -> float:
 
 
 def estimate(
-    config: GPTConfig, engine: EngineSettings, tensor: int = 1, sequence: int = 1
+    config: GPTConfig,
+    engine: EngineSettings,
+    tensor: int = 1,
+    sequence: int = 1,
+    pipeline: int = 1,
 ) -> Estimate:
     """Per-device memory for this model under the engine's ZeRO stage, precision, offload and
     data-parallel size (`engine.at_stage(s)` for another stage), each layer split over `tensor`
     ranks (ZeRO then shards each rank's share over the data-parallel ranks) and each sequence
     over `sequence` ranks (ZeRO shards over the sequence x data ranks: they hold the same
-    weights)."""
+    weights), and the layers over `pipeline` stages (the busiest stage's figures)."""
     stage, w = engine.zero_stage, engine.dp_size * sequence  # ZeRO shards over both
-    p = tensor_parallel_params(config, tensor)
+    p = stage_params(config, tensor, pipeline)
     width = 2 if engine.half else 4
     params = p * width / (w if stage >= 3 else 1)
     grads = p * width / (w if stage >= 2 else 1)
@@ -167,7 +196,9 @@ def estimate(
     if engine.offload_param != "none" and stage >= 3:
         cpu += params if engine.offload_param == "cpu" else 0.0
         params = 0.0
-    acts, acts_ckpt = activation_bytes(config, engine.micro_batch_size, width, tensor, sequence)
+    acts, acts_ckpt = activation_bytes(
+        config, engine.micro_batch_size, width, tensor, sequence, pipeline, engine.grad_accum_steps
+    )
     buffers = 0.0
     if stage >= 1:
         buffers += 4 * float(engine.reduce_bucket_size)

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from launcher.monitoring.metrics import StepLoss
+from launcher.monitoring.timing import StepTimer
 from launcher.runtime.topology import Layout
 from model.gpt import GPT
 from model.pipeline import TIED, TokenEmbedding, pipeline_layers
@@ -79,10 +80,17 @@ def micro_batches(batches: Any, step: int, accum: int) -> Iterator[tuple[torch.T
     return (batches.train(step, micro) for micro in range(accum))
 
 
-def pipeline_step(engine: Any, batches: Any, step: int, accum: int) -> StepLoss:
+def pipeline_step(
+    engine: Any, batches: Any, step: int, accum: int, timer: StepTimer | None = None
+) -> StepLoss:
     """One optimizer step through the 1F1B schedule; the loss is the mean over the
-    micro-batches and the data-parallel ranks, known on every stage."""
+    micro-batches and the data-parallel ranks, known on every stage (so is the last
+    micro-batch's: not separately). The timer sees the step whole: forward and backward
+    interleave across micro-batches."""
+    start = timer.mark() if timer else None
     loss = engine.train_batch(micro_batches(batches, step, accum)).detach().float()
+    if timer:
+        timer.micro_step(start, None, timer.mark())
     return StepLoss(loss, loss)
 
 

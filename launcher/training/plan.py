@@ -395,6 +395,10 @@ def prepare_run(
     ) or (None, [])
     if engine is not None:
         problems += _zero_problems(layout, engine)
+    if layout.pipeline > 1:
+        problems += _pipeline_problems(spec)
+        if engine is not None and engine.grad_accum_steps < 4 * layout.pipeline:
+            warnings.append(pipeline_bubble_warning(layout.pipeline, engine.grad_accum_steps))
     if layout.tensor > 1 and env.local_world_size % layout.tensor:
         warnings.append(
             f"parallel.tensor={layout.tensor} does not divide the {env.local_world_size} rank(s) "
@@ -422,28 +426,58 @@ def prepare_run(
     if resume is not None and resume.universal:
         engine = engine.loading_universal()
     run_id = resume.meta.run_id if resume else secrets.token_hex(6)
-    memory = estimate(spec.model, engine, layout.tensor, layout.sequence)
+    memory = estimate(spec.model, engine, layout.tensor, layout.sequence, layout.pipeline)
     return RunPlan(
         spec, engine, env, data, resume, warnings, run_id, memory, device, init, init_hf, layout
     )
 
 
 def _zero_problems(layout: Layout, engine: EngineSettings) -> list[str]:
-    """ZeRO stages the layout cannot take."""
+    """ZeRO stages the layout cannot take, every one."""
+    problems = []
+    if layout.pipeline > 1 and engine.zero_stage >= 2:
+        problems.append(
+            f"parallel.pipeline={layout.pipeline} with ZeRO stage {engine.zero_stage}: "
+            "DeepSpeed's pipeline engine takes ZeRO stage 0 or 1 (stages 2 and 3 would reduce or "
+            "gather every parameter in each of the micro-batches the schedule interleaves); use "
+            "ds_configs/zero1.json (each data-parallel rank keeps 1/data of the optimizer states)"
+        )
     if layout.sequence > 1 and engine.zero_stage == 3:
-        return [
+        problems.append(
             f"parallel.sequence={layout.sequence} with ZeRO stage 3: with DeepSpeed-Ulysses, "
             "DeepSpeed's stage 3 does not reproduce the unsplit model's training here (losses "
             "0.007 apart after one step, where stages 0-2 agree within 1e-6); use ZeRO-1 or 2"
-        ]
+        )
     if layout.tensor > 1 and engine.zero_stage == 3:
-        return [
+        problems.append(
             f"parallel.tensor={layout.tensor} with ZeRO stage 3: ZeRO-3 would partition the "
             "tensor-parallel shards again, and neither DeepSpeed's zero_to_fp32 nor its universal "
             "checkpoints can put such a checkpoint back together; use ZeRO-1 or 2 (ZeRO-3's "
             "parameter sharding is what tensor parallelism already does within the layer)"
-        ]
-    return []
+        )
+    return problems
+
+
+def _pipeline_problems(spec: RunSpec) -> list[str]:
+    """What a pipelined run does not do during training (each stage holds only its layers)."""
+    if not spec.eval.tasks:
+        return []
+    return [
+        f"eval.tasks with parallel.pipeline={spec.parallel.pipeline}: downstream tasks are not "
+        "scored during pipelined training (no stage holds the whole model); remove eval.tasks "
+        "and score any checkpoint with `zerolaunch eval --run DIR --tasks NAME=FILE`"
+    ]
+
+
+def pipeline_bubble_warning(pipeline: int, micro_batches: int) -> str:
+    """1F1B keeps each stage idle (p - 1) / (m + p - 1) of a step (Narayanan et al. 2021)."""
+    bubble = (pipeline - 1) / (micro_batches + pipeline - 1)
+    return (
+        f"parallel.pipeline={pipeline} with {micro_batches} micro-batch(es) per step "
+        f"(train.grad_accum_steps): each stage idles {bubble:.0%} of every step in the pipeline "
+        f"bubble; {4 * pipeline} or more micro-batches keep it under "
+        f"{(pipeline - 1) / (5 * pipeline - 1):.0%}"
+    )
 
 
 def _resume(
