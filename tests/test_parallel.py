@@ -1,8 +1,9 @@
-"""Tensor and sequence parallelism through the launcher: 4 gloo ranks as 2 tensor x 2 data,
-2 sequence x 2 data and 2 tensor x 2 sequence parallel train the same losses as 1 rank; tensor
-ranks hold half the parameters each; checkpoints resume bit for bit (and at another layout
-through the universal format) and export the same model; layouts that cannot run are refused
-before anything starts."""
+"""Tensor, sequence and pipeline parallelism through the launcher: 4 gloo ranks as 2 tensor x 2
+data, 2 sequence x 2 data, 2 tensor x 2 sequence, 2 pipeline x 2 data and 2 tensor x 2 pipeline
+parallel train the same losses as 1 rank; tensor ranks hold half the parameters each, pipeline
+stages their layers'; checkpoints resume bit for bit (and at another layout through the
+universal format) and export the same model; layouts that cannot run are refused before
+anything starts."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from conftest import DEEPSPEED, PYTHON, TINY, ZEROLAUNCH, free_port, overrides, 
 ITEMS = [*TINY, "model.n_head=4", "train.max_steps=10", "train.log_interval=1", "eval.interval=5",
          "checkpoint.interval=5", "checkpoint.keep_last=0", "sample.max_new_tokens=20",
          "monitor.wandb.mode=disabled"]  # fmt: skip
-GLOBAL_BATCH = 8  # sequences per step in both layouts
+GLOBAL_BATCH = 8  # sequences per step in every layout
+PIPELINED = ["parallel.pipeline=2", "train.grad_accum_steps=2", "eval.batches=8"]
 
 
 def _train(out: Path, ranks: int, config: str, *items: str) -> str:
@@ -38,7 +40,10 @@ def _losses(out: Path, name: str = "Loss/train") -> dict[int, float]:
 @pytest.fixture(scope="module")
 def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The same model and data: 1 rank at ZeRO-0; on 4 ranks, 2 tensor x 2 data parallel at
-    ZeRO-1, 2 sequence x 2 data parallel at ZeRO-2, 2 tensor x 2 sequence parallel at ZeRO-1."""
+    ZeRO-1, 2 sequence x 2 data parallel at ZeRO-2, 2 tensor x 2 sequence parallel at ZeRO-1,
+    2 pipeline x 2 data parallel at ZeRO-1 (2 micro-batches of 2 per step), 2 tensor x 2
+    pipeline parallel at ZeRO-0 (2 of 4). Pipelined runs evaluate 8 micro-batches: the same 32
+    val sequences as the others' 4 x 8."""
     root = tmp_path_factory.mktemp("parallel")
     data = f"data.train={tiny_data}"
     micro = f"train.micro_batch_size={GLOBAL_BATCH}"
@@ -49,15 +54,19 @@ def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                 "parallel.sequence=2")  # fmt: skip
     tpsp = _train(root / "tpsp", 4, "ds_configs/zero1.json", data, micro, "parallel.tensor=2",
                   "parallel.sequence=2", "sample.max_new_tokens=0")  # fmt: skip
-    return {"root": root, "one": root / "one", "tp": root / "tp", "sp": root / "sp",
-            "tpsp": root / "tpsp", "stdout": {"one": one, "tp": tp, "sp": sp, "tpsp": tpsp},
-            "data": data}  # fmt: skip
+    pp = _train(root / "pp", 4, "ds_configs/zero1.json", data, *PIPELINED,
+                "train.micro_batch_size=2")  # fmt: skip
+    tpp = _train(root / "tpp", 4, "ds_configs/zero0.json", data, *PIPELINED,
+                 "train.micro_batch_size=4", "parallel.tensor=2")  # fmt: skip
+    stdout = {"one": one, "tp": tp, "sp": sp, "tpsp": tpsp, "pp": pp, "tpp": tpp}
+    return {"root": root, "stdout": stdout, "data": data} | {name: root / name for name in stdout}
 
 
 @pytest.mark.parametrize(
     ("name", "layout"),
     [("tp", "2 tensor x 2 data parallel"), ("sp", "2 sequence x 2 data parallel"),
-     ("tpsp", "2 tensor x 2 sequence x 1 data parallel")],
+     ("tpsp", "2 tensor x 2 sequence x 1 data parallel"),
+     ("pp", "2 pipeline x 2 data parallel"), ("tpp", "2 tensor x 2 pipeline x 1 data parallel")],
 )  # fmt: skip
 def test_every_layout_trains_the_one_rank_losses(runs: dict, name: str, layout: str) -> None:
     """4 gloo ranks, fp32, dropout 0: the losses of the 1-rank ZeRO-0 run of the same model
@@ -68,9 +77,12 @@ def test_every_layout_trains_the_one_rank_losses(runs: dict, name: str, layout: 
     assert max(abs(one[s] - split[s]) for s in one) < 1e-4, (one, split)
     val = _losses(runs[name], "Loss/val")
     assert _losses(runs["one"], "Loss/val") == pytest.approx(val, abs=1e-4)
-    if name != "tpsp":  # the same text (every rank of a replica draws the same tokens)
+    if name in ("tp", "sp"):  # the same text (every rank of a replica draws the same tokens)
         sample = lambda out: out.split("--- sample ---")[1].split("-----")[0]  # noqa: E731
         assert sample(runs["stdout"]["one"]) == sample(runs["stdout"][name])
+    if name == "pp":  # no rank holds the whole model: the checkpoint is sampled instead
+        assert "sample: pipelined training holds no whole model" in runs["stdout"][name]
+        assert "--- sample ---" not in runs["stdout"][name]
 
 
 def test_the_memory_each_rank_holds_is_the_estimate(runs: dict) -> None:
@@ -86,12 +98,42 @@ def test_the_memory_each_rank_holds_is_the_estimate(runs: dict) -> None:
         assert held["params"] == whole["params"] and held["optimizer"] == whole["optimizer"] * 3 / 8
         for key in ("params", "grads", "optimizer"):
             assert held[key] == report["estimated_bytes_per_rank"][key], key
+    # Pipeline stages: each its block and its end of the model (the first the embeddings, the
+    # last the final norm and a copy of the tied embedding); the estimate is the busiest's.
+    for name, share in (("pp", (0.5, 0.56)), ("tpp", (0.25, 0.3))):
+        report = json.loads((runs[name] / "memory.json").read_text())
+        held = [r["params"] for r in report["measured_bytes_per_rank"]]
+        assert max(held) == report["estimated_bytes_per_rank"]["params"], name
+        assert all(share[0] < h / whole["params"] < share[1] for h in held), (name, held)
 
 
-def _copy_tag(runs: dict, dest: Path, tag: str = "global_step5") -> Path:
+def _copy_tag(runs: dict, dest: Path, tag: str = "global_step5", source: str = "tp") -> Path:
     (dest / "checkpoints").mkdir(parents=True)
-    shutil.copytree(runs["tp"] / "checkpoints" / tag, dest / "checkpoints" / tag)
+    shutil.copytree(runs[source] / "checkpoints" / tag, dest / "checkpoints" / tag)
     return dest
+
+
+def test_a_pipelined_checkpoint_resumes_bit_for_bit_at_its_layout(
+    runs: dict, tmp_path: Path
+) -> None:
+    """DeepSpeed writes each layer's weights once per stage (layer_NN-model_00), optimizer
+    states per rank; the same layout continues bit for bit. Another layout is refused before
+    anything starts (DeepSpeed's universal converter cannot read pipeline checkpoints)."""
+    resumed = _copy_tag(runs, tmp_path / "resumed", source="pp")
+    files = {p.name for p in (resumed / "checkpoints" / "global_step5").iterdir()}
+    assert {"layer_00-model_00-model_states.pt", "layer_04-model_00-model_states.pt"} <= files
+    items = [runs["data"], *PIPELINED, "train.micro_batch_size=2", "sample.max_new_tokens=0"]
+    _train(resumed, 4, "ds_configs/zero1.json", *items)
+    again, whole = _losses(resumed), _losses(runs["pp"])
+    assert sorted(again) == list(range(6, 11))
+    assert all(again[s] == whole[s] for s in again), (again, whole)
+    tag = resumed / "checkpoints" / "global_step5"
+    for layout in ([], ["parallel.pipeline=2"]):
+        refused = run([PYTHON, "launcher/run.py", "--ds_config", "ds_configs/zero1.json",
+                       *overrides(*ITEMS, runs["data"], f"out_dir={resumed}", *layout,
+                                  f"checkpoint.resume={tag}")], check=False)  # fmt: skip
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"checkpoint.init_from={tag}" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_a_tensor_parallel_checkpoint_resumes_bit_for_bit_at_its_layout(
@@ -131,36 +173,53 @@ def test_it_resumes_at_another_layout_through_the_universal_format(
     assert refused.returncode == 2 and "ZeRO-3 boundary" in refused.stderr, refused.stderr[-2000:]
 
 
-def test_export_of_a_tensor_parallel_run_is_the_whole_model(runs: dict) -> None:
+def test_export_of_a_tensor_or_pipeline_parallel_run_is_the_whole_model(runs: dict) -> None:
     exported = {}
-    for name in ("one", "tp"):
+    for name in ("one", "tp", "tpp"):
         out = runs["root"] / f"export_{name}"
         run([PYTHON, "-m", "launcher.export", "--run", str(runs[name]), "--out", str(out)])
         from safetensors.torch import load_file
 
         exported[name] = load_file(out / "model.safetensors")
-    assert exported["one"].keys() == exported["tp"].keys()
-    for key, tensor in exported["one"].items():
-        assert exported["tp"][key].shape == tensor.shape
-        torch.testing.assert_close(exported["tp"][key], tensor, atol=1e-4, rtol=0)
-    # zerolaunch eval reads the merged weights: the val loss the tensor-parallel loop logged.
-    result = json.loads(run([ZEROLAUNCH, "eval", str(runs["tp"]), "--tag", "global_step10"]).stdout)
-    assert result["metrics"]["Loss/val"] == pytest.approx(
-        _losses(runs["tp"], "Loss/val")[10], rel=1e-5
-    )
+    for name in ("tp", "tpp"):  # tensor shards, and pipeline layer files, put together
+        assert exported["one"].keys() == exported[name].keys()
+        for key, tensor in exported["one"].items():
+            assert exported[name][key].shape == tensor.shape
+            torch.testing.assert_close(exported[name][key], tensor, atol=1e-4, rtol=0)
+    # zerolaunch eval reads the merged weights: the val loss the split loop logged.
+    for name in ("tp", "tpp"):
+        cmd = [ZEROLAUNCH, "eval", str(runs[name]), "--tag", "global_step10"]
+        result = json.loads(run(cmd).stdout)
+        assert result["metrics"]["Loss/val"] == pytest.approx(
+            _losses(runs[name], "Loss/val")[10], rel=1e-5
+        )
 
 
 def test_layouts_that_cannot_run_are_refused_together(runs: dict) -> None:
     cmd = [ZEROLAUNCH, "check", "--world-size", "6", "--ds_config", "ds_configs/zero3.json",
-           *overrides(runs["data"], "parallel.tensor=4", "parallel.pipeline=2", "model.n_head=6",
+           *overrides(runs["data"], "parallel.tensor=4", "parallel.pipeline=4", "model.n_head=6",
                       "model.n_embd=96")]  # fmt: skip
     result = run(cmd, check=False)
     assert result.returncode == 2
     for expected in (
-        "parallel.pipeline=2: pipeline parallelism is not built yet",
+        "parallel.pipeline=4 exceeds model.n_layer=2",
         "does not divide the 6 rank(s)",
         "model.n_head=6 is not divisible by parallel.tensor=4",
-        "with ZeRO stage 3",
+        "parallel.tensor=4 with ZeRO stage 3",
+        "parallel.pipeline=4 with ZeRO stage 3",
+    ):
+        assert expected in result.stderr, result.stderr
+    tasks = runs["root"] / "tasks.jsonl"
+    tasks.write_text(json.dumps({"context": "a b", "endings": [" c", " d"], "label": 0}) + "\n")
+    cmd = [ZEROLAUNCH, "check", "--world-size", "8", "--ds_config", "ds_configs/zero2.json",
+           *overrides(runs["data"], "parallel.pipeline=2", "parallel.sequence=2",
+                      f"eval.tasks={{mc: {tasks}}}")]  # fmt: skip
+    result = run(cmd, check=False)
+    assert result.returncode == 2
+    for expected in (
+        "parallel.pipeline=2 with parallel.sequence=2",
+        "parallel.pipeline=2 with ZeRO stage 2",
+        "eval.tasks with parallel.pipeline=2",
     ):
         assert expected in result.stderr, result.stderr
     fits = run([ZEROLAUNCH, "check", "--world-size", "8",

@@ -465,7 +465,7 @@ def _pipeline_problems(spec: RunSpec) -> list[str]:
     return [
         f"eval.tasks with parallel.pipeline={spec.parallel.pipeline}: downstream tasks are not "
         "scored during pipelined training (no stage holds the whole model); remove eval.tasks "
-        "and score any checkpoint with `zerolaunch eval --run DIR --tasks NAME=FILE`"
+        "and score any checkpoint with `zerolaunch eval RUN_DIR --tasks NAME=FILE`"
     ]
 
 
@@ -505,6 +505,15 @@ def _resume(
     meta = store.check_compatible(tag_dir, spec.model)
     _check_layout(tag_dir, meta, layout)
     universal = needs_universal(meta, env.world_size, engine.zero_stage, layout.tensor)
+    if universal and layout.pipeline > 1:
+        raise UserError(
+            f"{tag_dir} was written by {meta.world_size} ranks at ZeRO stage {meta.zero_stage} "
+            f"with parallel.tensor={meta.tensor_parallel}; this run has {env.world_size} ranks, "
+            f"stage {engine.zero_stage} and parallel.tensor={layout.tensor}. A pipelined "
+            "checkpoint resumes only at the layout that wrote it (DeepSpeed's universal converter "
+            "cannot read its per-layer files): launch it as it was, or start a new run from its "
+            f"weights with checkpoint.init_from={tag_dir} and another out_dir"
+        )
     if meta.consumed_samples != meta.step * engine.train_batch_size:
         warnings.append(
             f"{tag_dir} was trained with {meta.consumed_samples // max(meta.step, 1)} sequences "
