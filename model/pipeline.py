@@ -139,3 +139,21 @@ def merge_layers(layers: dict[int, dict[str, torch.Tensor]], config: GPTConfig) 
     if config.tie_embeddings:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
+
+
+def pipeline_name(name: str, config: GPTConfig) -> str | None:
+    """The pipeline's name of a GPT parameter (the inverse of `gpt_name`); None for the tied
+    head's matrix (the embedding's name carries it)."""
+    n = config.n_layer
+    if name == "transformer.wte.weight":
+        return f"tied_modules.{TIED}.wte.weight" if config.tie_embeddings else "0.wte.weight"
+    if name == "lm_head.weight":
+        return None if config.tie_embeddings else f"{n + 3}.weight"
+    if name.startswith("transformer.wpe."):
+        return "1." + name.removeprefix("transformer.")
+    if name.startswith("transformer.ln_f."):
+        return f"{n + 2}." + name.removeprefix("transformer.ln_f.")
+    if name.startswith("transformer.h."):
+        layer, _, key = name.removeprefix("transformer.h.").partition(".")
+        return f"{int(layer) + 2}.block.{key}"
+    return None

@@ -525,7 +525,7 @@ def _merged_tensor_parallel(tag_dir: Path, meta: CheckpointMeta) -> dict[str, An
             mmap=True,
         )
         shards.append({k: v.float() for k, v in states["module"].items()})
-    return merge_states(shards, _model_config(meta))
+    return merge_states(shards, model_config(meta))
 
 
 def _merged_pipeline(tag_dir: Path, meta: CheckpointMeta) -> dict[str, Any]:
@@ -535,7 +535,7 @@ def _merged_pipeline(tag_dir: Path, meta: CheckpointMeta) -> dict[str, Any]:
     from model.pipeline import merge_layers
     from model.tensor_parallel import merge_states
 
-    config, shards = _model_config(meta), []
+    config, shards = model_config(meta), []
     for rank in range(meta.tensor_parallel):
         layers = {}
         for path in sorted(tag_dir.glob(f"layer_*-model_{rank:02d}-model_states.pt")):
@@ -546,7 +546,7 @@ def _merged_pipeline(tag_dir: Path, meta: CheckpointMeta) -> dict[str, Any]:
     return shards[0] if len(shards) == 1 else merge_states(shards, config)
 
 
-def _model_config(meta: CheckpointMeta) -> Any:
+def model_config(meta: CheckpointMeta) -> Any:
     """The GPTConfig a tag's meta records."""
     from dataclasses import fields as dataclass_fields
 

@@ -412,7 +412,7 @@ def _save(s: Session, state: TrainState) -> None:
     keep = plan.spec.checkpoint.keep_last
     # How each parameter is (or would be) split: a later universal conversion can then resume
     # the tag at any tensor-parallel size.
-    info = tensor_parallel_info(s.engine.module, plan.spec.model)
+    info = tensor_parallel_info(plan.spec.model, pipelined=plan.layout.pipeline > 1)
     s.pending = store.save(s.engine, plan.spec.run_dir, meta, keep, expected, s.writer, info)
     s.pending.call_s, s.pending_since = time.perf_counter() - started, s.stopper.polls
     state.saved_step = state.step

@@ -194,10 +194,14 @@ class RunPlan:
         if not self.resume.universal:
             return str(self.resume.tag_dir)
         m = self.resume.meta
-        tensor = f", {m.tensor_parallel} tensor parallel" if m.tensor_parallel > 1 else ""
+        split = "".join(
+            f", {size} {axis} parallel"
+            for axis, size in (("tensor", m.tensor_parallel), ("pipeline", m.pipeline_parallel))
+            if size > 1
+        )
         return (
             f"{self.resume.tag_dir} (written by {m.world_size} rank(s) at ZeRO stage "
-            f"{m.zero_stage}{tensor}: loading it in DeepSpeed's universal format)"
+            f"{m.zero_stage}{split}: loading it in DeepSpeed's universal format)"
         )
 
 
@@ -504,16 +508,9 @@ def _resume(
         return None, warnings
     meta = store.check_compatible(tag_dir, spec.model)
     _check_layout(tag_dir, meta, layout)
-    universal = needs_universal(meta, env.world_size, engine.zero_stage, layout.tensor)
-    if universal and layout.pipeline > 1:
-        raise UserError(
-            f"{tag_dir} was written by {meta.world_size} ranks at ZeRO stage {meta.zero_stage} "
-            f"with parallel.tensor={meta.tensor_parallel}; this run has {env.world_size} ranks, "
-            f"stage {engine.zero_stage} and parallel.tensor={layout.tensor}. A pipelined "
-            "checkpoint resumes only at the layout that wrote it (DeepSpeed's universal converter "
-            "cannot read its per-layer files): launch it as it was, or start a new run from its "
-            f"weights with checkpoint.init_from={tag_dir} and another out_dir"
-        )
+    universal = needs_universal(
+        meta, env.world_size, engine.zero_stage, layout.tensor, layout.pipeline
+    )
     if meta.consumed_samples != meta.step * engine.train_batch_size:
         warnings.append(
             f"{tag_dir} was trained with {meta.consumed_samples // max(meta.step, 1)} sequences "
@@ -526,26 +523,17 @@ def _resume(
 
 
 def _check_layout(tag_dir: Path, meta: CheckpointMeta, layout: Layout) -> None:
-    """A checkpoint moves between tensor- and sequence-parallel sizes (and world sizes) through
-    DeepSpeed's universal format (sequence ranks hold whole weights: to ZeRO they are more
-    data-parallel ranks); the pipeline layout must stay as it was written."""
-    if not meta.parallel and layout.tensor > 1:
+    """A checkpoint moves between tensor-, sequence- and pipeline-parallel sizes (and world
+    sizes) through DeepSpeed's universal format (sequence ranks hold whole weights: to ZeRO they
+    are more data-parallel ranks), if it records how its parameters split."""
+    if not meta.parallel and (layout.tensor > 1 or layout.pipeline > 1):
         raise UserError(
             f"{tag_dir} was written before zerolaunch recorded how each parameter splits over "
-            f"tensor-parallel ranks, so it cannot be resumed at parallel.tensor={layout.tensor}: "
-            "resume it with parallel.tensor=1 (and save a checkpoint), or start a new run from its "
-            f"weights with checkpoint.init_from={tag_dir} and another out_dir"
+            f"tensor-parallel ranks and pipeline stages, so it cannot be resumed at "
+            f"parallel.tensor={layout.tensor}, parallel.pipeline={layout.pipeline}: resume it "
+            "with both 1 (and save a checkpoint), or start a new run from its weights with "
+            f"checkpoint.init_from={tag_dir} and another out_dir"
         )
-    fixed = [a for a in ("pipeline",) if meta.parallel.get(a, 1) != getattr(layout, a)]
-    if not fixed:
-        return
-    wrote = ", ".join(f"parallel.{a}={meta.parallel.get(a, 1)}" for a in fixed)
-    raise UserError(
-        f"{tag_dir} was written with {wrote}; this run has "
-        + ", ".join(f"parallel.{a}={getattr(layout, a)}" for a in fixed)
-        + ": resume with the checkpoint's, or start a new run from its weights with "
-        f"checkpoint.init_from={tag_dir} and another out_dir"
-    )
 
 
 def _check_tokenizer(spec: RunSpec, resume: Resume | None, data: DataPlan) -> None:
