@@ -157,11 +157,20 @@ def test_two_nodes_one_rank_each(cluster, tiny_data: Path, tmp_path: Path, scrip
     assert (out / "checkpoints" / LATEST).read_text() == "global_step12"
 
 
+@pytest.mark.parametrize(
+    ("items", "described", "across"),
+    [
+        (["train.micro_batch_size=4"], "2 tensor x 2 data parallel", "data"),
+        (["train.micro_batch_size=4", "train.grad_accum_steps=2", "parallel.pipeline=2"],
+         "2 tensor x 2 pipeline x 1 data parallel", "pipeline"),
+    ],
+    ids=["tensor-data", "tensor-pipeline"],
+)  # fmt: skip
 def test_tensor_parallel_groups_stay_within_a_node(
-    cluster, tiny_data: Path, tmp_path: Path
+    cluster, tiny_data: Path, tmp_path: Path, items: list, described: str, across: str
 ) -> None:
-    """2 nodes x 2 tasks as 2 tensor x 2 data parallel: each tensor group on one node, the
-    data-parallel replicas across the nodes."""
+    """2 nodes x 2 tasks as 2 tensor x 2 data (or 2 pipeline) parallel: each tensor group on
+    one node, the data-parallel replicas (or the pipeline stages) across the nodes."""
     out, log = tmp_path / "run", tmp_path / "job.out"
     job = sbatch(
         cluster,
@@ -169,24 +178,23 @@ def test_tensor_parallel_groups_stay_within_a_node(
         ["--nodes=2", "--ntasks-per-node=2"],
         log,
         PYTHON=sys.executable,
+        DS_CONFIG="ds_configs/zero1.json",
         SET_ARGS=set_args(
             tiny_data,
             out,
             "train.max_steps=6",
             "sample.max_new_tokens=0",
             "parallel.tensor=2",
-            "train.micro_batch_size=4",
+            *items,
         ),  # fmt: skip
     )
     text = assert_completed(wait_for(cluster, job, log), log)
-    assert (
-        "4 rank(s) on cpu (2 per node, 2 node(s)" in text and "2 tensor x 2 data parallel" in text
-    )
+    assert "4 rank(s) on cpu (2 per node, 2 node(s)" in text and described in text
     ranks = json.loads((out / "ranks.json").read_text())
     node = {r["rank"]: r["slurm_node"] for r in ranks}
     tensor_groups: dict[int, set[str]] = {}
     for r in ranks:
-        tensor_groups.setdefault(r["parallel"]["data"], set()).add(node[r["rank"]])
+        tensor_groups.setdefault(r["parallel"][across], set()).add(node[r["rank"]])
     assert [len(nodes) for nodes in tensor_groups.values()] == [1, 1]  # a node each
     assert set().union(*tensor_groups.values()) == {"n1", "n2"}  # the replicas on both
     assert (out / "checkpoints" / LATEST).read_text() == "global_step6"
