@@ -184,8 +184,6 @@ def _finish(
     plan: RunPlan, engine: Any, state: TrainState, device: torch.device, started: float
 ) -> int:
     """The closing line and the sample; the exit code every rank leaves with."""
-    from launcher.evaluation.sampling import generate_text
-    from launcher.training.sequence_parallel import whole_sequences
     from model.gpt import flops_per_token
 
     spec = plan.spec
@@ -202,22 +200,28 @@ def _finish(
             f"checkpoints in {spec.run_dir / 'checkpoints'}",
             flush=True,
         )
-    if spec.sample.max_new_tokens > 0 and plan.layout.pipeline > 1:
-        if plan.env.is_main:  # no stage holds the whole model; the saved tag does
-            print(
-                "sample: pipelined training holds no whole model on any rank; sample the saved "
-                f"checkpoint with `zerolaunch sample --run {spec.run_dir}`",
-                flush=True,
-            )
-    elif spec.sample.max_new_tokens > 0:
-        # Every rank generates in lockstep: under ZeRO-3 each forward gathers shards from all.
-        with whole_sequences(engine.module):  # each sequence rank samples whole sequences
-            text = generate_text(
-                engine.module, plan.data.tokenizer, spec.sample, seed=spec.train.seed, device=device
-            )
+    if spec.sample.max_new_tokens > 0:
+        # Every rank generates in lockstep: under ZeRO-3 each forward gathers shards from all,
+        # through a pipeline each runs the stages.
+        text = _sample(plan, engine, device)
         if plan.env.is_main:
             print(f"\n--- sample ---\n{text}\n--------------", flush=True)
     return 0
+
+
+def _sample(plan: RunPlan, engine: Any, device: torch.device) -> str:
+    from launcher.evaluation.sampling import generate_text
+    from launcher.training.pipeline import PipelinedModel
+    from launcher.training.sequence_parallel import whole_sequences
+
+    spec = plan.spec
+    if plan.layout.pipeline > 1:  # no rank holds the whole model: the stages run each token
+        model = PipelinedModel(engine, spec.model)
+        return generate_text(model, plan.data.tokenizer, spec.sample, spec.train.seed, device)
+    with whole_sequences(engine.module):  # each sequence rank samples whole sequences
+        return generate_text(
+            engine.module, plan.data.tokenizer, spec.sample, seed=spec.train.seed, device=device
+        )
 
 
 def _process_start() -> float:

@@ -37,6 +37,23 @@ def _losses(out: Path, name: str = "Loss/train") -> dict[int, float]:
     return {m["step"]: m[name] for m in read_metrics(out) if name in m}
 
 
+def _tasks(root: Path) -> str:
+    """A multiple-choice and a last-word task file; the eval.tasks item naming them."""
+    mc = [{"context": "First Citizen: Before we proceed any further, hear me",
+           "endings": [" speak.", " run.", " eat."], "label": 0},
+          {"context": "You are all resolved rather to die than to", "endings": [" famish?",
+           " dance?"], "label": 0}]  # fmt: skip
+    lw = [{"text": "Let us kill him, and we'll have corn at our own price"},
+          {"text": "You are all resolved rather to die than to famish"}]  # fmt: skip
+    for name, rows in (("mc", mc), ("lw", lw)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"eval.tasks={{mc: {root / 'mc.jsonl'}, lw: {root / 'lw.jsonl'}}}"
+
+
+def _scores(out: Path) -> dict:
+    return {(m["step"], k): v for m in read_metrics(out) for k, v in m.items() if "Eval/" in k}
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The same model and data: 1 rank at ZeRO-0; on 4 ranks, 2 tensor x 2 data parallel at
@@ -47,7 +64,8 @@ def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("parallel")
     data = f"data.train={tiny_data}"
     micro = f"train.micro_batch_size={GLOBAL_BATCH}"
-    one = _train(root / "one", 1, "ds_configs/zero0.json", data, micro)
+    tasks = _tasks(root)
+    one = _train(root / "one", 1, "ds_configs/zero0.json", data, micro, tasks)
     tp = _train(root / "tp", 4, "ds_configs/zero1.json", data, "train.micro_batch_size=4",
                 "parallel.tensor=2")  # fmt: skip
     sp = _train(root / "sp", 4, "ds_configs/zero2.json", data, "train.micro_batch_size=4",
@@ -57,7 +75,7 @@ def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     pp = _train(root / "pp", 4, "ds_configs/zero1.json", data, *PIPELINED,
                 "train.micro_batch_size=2")  # fmt: skip
     tpp = _train(root / "tpp", 4, "ds_configs/zero1.json", data, *PIPELINED,
-                 "train.micro_batch_size=4", "parallel.tensor=2")  # fmt: skip
+                 "train.micro_batch_size=4", "parallel.tensor=2", tasks)  # fmt: skip
     stdout = {"one": one, "tp": tp, "sp": sp, "tpsp": tpsp, "pp": pp, "tpp": tpp}
     return {"root": root, "stdout": stdout, "data": data} | {name: root / name for name in stdout}
 
@@ -77,12 +95,14 @@ def test_every_layout_trains_the_one_rank_losses(runs: dict, name: str, layout: 
     assert max(abs(one[s] - split[s]) for s in one) < 1e-4, (one, split)
     val = _losses(runs[name], "Loss/val")
     assert _losses(runs["one"], "Loss/val") == pytest.approx(val, abs=1e-4)
-    if name in ("tp", "sp"):  # the same text (every rank of a replica draws the same tokens)
+    if name != "tpsp":  # the same text (every rank of a replica draws the same tokens; in a
+        # pipeline the stages run each token's forward and the last stage's logits are shared)
         sample = lambda out: out.split("--- sample ---")[1].split("-----")[0]  # noqa: E731
         assert sample(runs["stdout"]["one"]) == sample(runs["stdout"][name])
-    if name == "pp":  # no rank holds the whole model: the checkpoint is sampled instead
-        assert "sample: pipelined training holds no whole model" in runs["stdout"][name]
-        assert "--- sample ---" not in runs["stdout"][name]
+    if name == "tpp":  # downstream tasks scored through the stages, on whole logits
+        one, split = _scores(runs["one"]), _scores(runs["tpp"])
+        assert sorted(one) == sorted(split) and len(one) == 8, (one, split)
+        assert all(split[k] == pytest.approx(v, rel=1e-4) for k, v in one.items()), (one, split)
 
 
 def test_the_memory_each_rank_holds_is_the_estimate(runs: dict) -> None:
@@ -230,17 +250,13 @@ def test_layouts_that_cannot_run_are_refused_together(runs: dict) -> None:
         "parallel.pipeline=4 with ZeRO stage 3",
     ):
         assert expected in result.stderr, result.stderr
-    tasks = runs["root"] / "tasks.jsonl"
-    tasks.write_text(json.dumps({"context": "a b", "endings": [" c", " d"], "label": 0}) + "\n")
     cmd = [ZEROLAUNCH, "check", "--world-size", "8", "--ds_config", "ds_configs/zero2.json",
-           *overrides(runs["data"], "parallel.pipeline=2", "parallel.sequence=2",
-                      f"eval.tasks={{mc: {tasks}}}")]  # fmt: skip
+           *overrides(runs["data"], "parallel.pipeline=2", "parallel.sequence=2")]  # fmt: skip
     result = run(cmd, check=False)
     assert result.returncode == 2
     for expected in (
         "parallel.pipeline=2 with parallel.sequence=2",
         "parallel.pipeline=2 with ZeRO stage 2",
-        "eval.tasks with parallel.pipeline=2",
     ):
         assert expected in result.stderr, result.stderr
     fits = run([ZEROLAUNCH, "check", "--world-size", "8",

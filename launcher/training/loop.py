@@ -33,7 +33,12 @@ from launcher.training import sequence_parallel
 from launcher.training.divergence import Diverged, DivergenceWatch, advice, decode
 from launcher.training.engine import build_engine, set_lr, use_deepspeed_checkpointing
 from launcher.training.memory import engine_state_bytes
-from launcher.training.pipeline import pipeline_module, pipeline_step, pipeline_val_loss
+from launcher.training.pipeline import (
+    pipeline_logits,
+    pipeline_module,
+    pipeline_step,
+    pipeline_val_loss,
+)
 from launcher.training.plan import RunPlan
 from launcher.training.profile import StepProfiler
 from launcher.training.schedule import lr_at
@@ -190,7 +195,8 @@ def _reporter(plan: RunPlan, device: torch.device, started_at: float, step: int)
         if peak.measured
         else None,
     )
-    timer = StepTimer(device, spec.monitor.detailed_timing)
+    # A pipeline interleaves forward and backward across micro-batches: timed whole.
+    timer = StepTimer(device, spec.monitor.detailed_timing and plan.layout.pipeline == 1)
     return Reporter(throughput, timer, detector, sinks, started_at)
 
 
@@ -347,15 +353,22 @@ def _task_record(s: Session) -> dict:
     """Every downstream task scored by every data-parallel replica's share of its examples (the
     tensor-parallel ranks of a replica score the same ones together): Eval/<task>/<metric>."""
     plan, engine = s.plan, s.engine
-    forward = lambda x: engine(x)[0]  # noqa: E731 - logits of every position
     share = (plan.coords["data"], plan.layout.data, s.groups.groups["data"] if s.groups else None)
-    record = {}
+    if plan.layout.pipeline > 1:  # every stage of a replica runs its share's forwards together
+        return _scores(s, lambda x: pipeline_logits(engine, x), share)
+    forward = lambda x: engine(x)[0]  # noqa: E731 - logits of every position
     engine.eval()
     with whole_logits(engine.module), sequence_parallel.whole_sequences(engine.module):
-        for task in plan.data.tasks:
-            scores = score(task, forward, plan.engine.micro_batch_size, s.device, *share)
-            record |= {f"Eval/{task.name}/{k}": v for k, v in scores.items() if k != "n"}
+        record = _scores(s, forward, share)
     engine.train()
+    return record
+
+
+def _scores(s: Session, forward: Any, share: tuple) -> dict:
+    record = {}
+    for task in s.plan.data.tasks:
+        scores = score(task, forward, s.plan.engine.micro_batch_size, s.device, *share)
+        record |= {f"Eval/{task.name}/{k}": v for k, v in scores.items() if k != "n"}
     return record
 
 

@@ -55,6 +55,7 @@ def pipeline_module(model: GPT, layout: Layout, tensor_rank: int) -> nn.Module:
             layers, topology=topology, loss_fn=model.loss, partition_method=PARTITION
         )
     _count_norms_once(pipe, tensor_rank)
+    pipe.tensor_group = getattr(model, "tp", None)  # whose vocabulary shards the logits are
     return pipe
 
 
@@ -100,3 +101,65 @@ def pipeline_val_loss(engine: Any, batches: Any, n_batches: int) -> float:
     data = (batches.val(b) for b in range(n_batches))
     loss = engine.eval_batch(data, num_micro_batches=n_batches)
     return float(loss)
+
+
+@torch.no_grad()
+def pipeline_logits(engine: Any, idx: torch.Tensor) -> torch.Tensor:
+    """The whole model's logits of `idx` (B, T) on every rank of the pipeline: one forward
+    through the stages (DeepSpeed's inference schedule, any shape: the activation shapes are
+    sent anew), the last stage's vocabulary shards gathered over its tensor group, then
+    broadcast to the other stages. For sampling and task scoring, not for the training loss
+    (that stays on the last stage). Collective over the whole world (eval_batch begins with a
+    barrier): every rank calls it the same number of times."""
+    engine.reset_activation_shape()
+    engine.total_loss = None  # DeepSpeed sums each forward's output here: logits, not a loss
+    _, logits = engine.eval_batch(
+        iter([(idx, idx)]), return_logits=True, compute_loss=False, bcast_loss=False,
+        num_micro_batches=1,
+    )  # fmt: skip
+    engine.reset_activation_shape()  # the training shapes are sent again at the next step
+    engine.total_loss = None
+    last = engine.grid.stage_to_global(engine.num_stages - 1)
+    group = engine.grid.get_pipe_parallel_group()
+    if engine.is_last_stage():
+        tensor = engine.module.tensor_group
+        if tensor is not None:
+            from model.tensor_parallel import gather_from_region
+
+            logits = gather_from_region(logits, tensor)
+        logits = logits.float().contiguous()
+        shape = torch.tensor(logits.shape, dtype=torch.long, device=idx.device)
+    else:
+        shape = torch.zeros(3, dtype=torch.long, device=idx.device)
+    torch.distributed.broadcast(shape, src=last, group=group)
+    if not engine.is_last_stage():
+        logits = torch.empty(*shape.tolist(), dtype=torch.float32, device=idx.device)
+    torch.distributed.broadcast(logits, src=last, group=group)
+    return logits
+
+
+class PipelinedModel:
+    """The whole model, as sampling and task scoring use it, on the ranks of a pipeline:
+    `model(idx) -> (logits, None)` and `generate` (without a KV cache: each new token runs the
+    window through the stages again)."""
+
+    _pick = staticmethod(GPT._pick)
+
+    def __init__(self, engine: Any, config: Any) -> None:
+        self.engine, self.config = engine, config
+
+    def __call__(self, idx: torch.Tensor, targets: Any = None, cache: Any = None) -> tuple:
+        return pipeline_logits(self.engine, idx), None
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        return GPT.generate(self, idx, max_new_tokens, **{**kwargs, "use_cache": False})
+
+    @property
+    def training(self) -> bool:
+        return self.engine.module.training
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.module.train(mode)
+
+    def eval(self) -> None:
+        self.engine.module.eval()

@@ -399,9 +399,7 @@ def prepare_run(
     ) or (None, [])
     if engine is not None:
         problems += _zero_problems(layout, engine)
-    if layout.pipeline > 1:
-        problems += _pipeline_problems(spec)
-        if engine is not None and engine.grad_accum_steps < 4 * layout.pipeline:
+        if layout.pipeline > 1 and engine.grad_accum_steps < 4 * layout.pipeline:
             warnings.append(pipeline_bubble_warning(layout.pipeline, engine.grad_accum_steps))
     if layout.tensor > 1 and env.local_world_size % layout.tensor:
         warnings.append(
@@ -460,17 +458,6 @@ def _zero_problems(layout: Layout, engine: EngineSettings) -> list[str]:
             "parameter sharding is what tensor parallelism already does within the layer)"
         )
     return problems
-
-
-def _pipeline_problems(spec: RunSpec) -> list[str]:
-    """What a pipelined run does not do during training (each stage holds only its layers)."""
-    if not spec.eval.tasks:
-        return []
-    return [
-        f"eval.tasks with parallel.pipeline={spec.parallel.pipeline}: downstream tasks are not "
-        "scored during pipelined training (no stage holds the whole model); remove eval.tasks "
-        "and score any checkpoint with `zerolaunch eval RUN_DIR --tasks NAME=FILE`"
-    ]
 
 
 def pipeline_bubble_warning(pipeline: int, micro_batches: int) -> str:
