@@ -127,6 +127,13 @@ def test_the_memory_each_rank_holds_is_the_estimate(runs: dict) -> None:
         assert all(share[0] < h / whole["params"] < share[1] for h in held), (name, held)
 
 
+def _assert_continues(resumed: Path, whole: Path, tolerance: float = 0.0) -> None:
+    """Steps 6-10 of a run resumed from step 5: the uninterrupted run's (within tolerance)."""
+    again, before = _losses(resumed), _losses(whole)
+    assert sorted(again) == list(range(6, 11))
+    assert max(abs(again[s] - before[s]) for s in again) <= tolerance, (again, before)
+
+
 def _copy_tag(runs: dict, dest: Path, tag: str = "global_step5", source: str = "tp") -> Path:
     (dest / "checkpoints").mkdir(parents=True)
     shutil.copytree(runs[source] / "checkpoints" / tag, dest / "checkpoints" / tag)
@@ -143,9 +150,7 @@ def test_a_pipelined_checkpoint_resumes_bit_for_bit_at_its_layout(
     assert {"layer_00-model_00-model_states.pt", "layer_04-model_00-model_states.pt"} <= files
     items = [runs["data"], *PIPELINED, "train.micro_batch_size=2", "sample.max_new_tokens=0"]
     _train(resumed, 4, "ds_configs/zero1.json", *items)
-    again, whole = _losses(resumed), _losses(runs["pp"])
-    assert sorted(again) == list(range(6, 11))
-    assert all(again[s] == whole[s] for s in again), (again, whole)
+    _assert_continues(resumed, runs["pp"])
 
 
 def test_a_tensor_and_pipeline_parallel_checkpoint_resumes_without_either(
@@ -160,9 +165,7 @@ def test_a_tensor_and_pipeline_parallel_checkpoint_resumes_without_either(
     out = _train(resumed, 2, "ds_configs/zero1.json", runs["data"], "train.micro_batch_size=4",
                  "sample.max_new_tokens=0")  # fmt: skip
     assert "2 tensor parallel, 2 pipeline parallel: loading it in DeepSpeed's universal" in out
-    again, whole = _losses(resumed), _losses(runs["tpp"])
-    assert sorted(again) == list(range(6, 11))
-    assert max(abs(again[s] - whole[s]) for s in again) < 1e-5, (again, whole)
+    _assert_continues(resumed, runs["tpp"], 1e-5)
     zero0 = _copy_tag(runs, tmp_path / "zero0", source="one")
     refused = run([PYTHON, "launcher/run.py", "--ds_config", "ds_configs/zero1.json",
                    *overrides(*ITEMS, runs["data"], f"out_dir={zero0}")], check=False)  # fmt: skip
@@ -172,9 +175,7 @@ def test_a_tensor_and_pipeline_parallel_checkpoint_resumes_without_either(
     out = _train(zero0, 2, "ds_configs/zero0.json", runs["data"], "train.micro_batch_size=4",
                  "sample.max_new_tokens=0")  # fmt: skip
     assert "universal" not in out
-    again, whole = _losses(zero0), _losses(runs["one"])
-    assert sorted(again) == list(range(6, 11))
-    assert max(abs(again[s] - whole[s]) for s in again) < 1e-5, (again, whole)
+    _assert_continues(zero0, runs["one"], 1e-5)
 
 
 def test_a_tensor_parallel_checkpoint_resumes_bit_for_bit_at_its_layout(
@@ -188,9 +189,7 @@ def test_a_tensor_parallel_checkpoint_resumes_bit_for_bit_at_its_layout(
     )
     _train(resumed, 4, "ds_configs/zero1.json", runs["data"], "train.micro_batch_size=4",
            "parallel.tensor=2", "sample.max_new_tokens=0")  # fmt: skip
-    again, whole = _losses(resumed), _losses(runs["tp"])
-    assert sorted(again) == list(range(6, 11))
-    assert all(again[s] == whole[s] for s in again), (again, whole)
+    _assert_continues(resumed, runs["tp"])
 
 
 def test_it_resumes_at_another_layout_through_the_universal_format(
@@ -203,9 +202,7 @@ def test_it_resumes_at_another_layout_through_the_universal_format(
     out = _train(resumed, 2, "ds_configs/zero2.json", runs["data"], "train.micro_batch_size=4",
                  "sample.max_new_tokens=0")  # fmt: skip
     assert "2 tensor parallel: loading it in DeepSpeed's universal format" in out
-    again, whole = _losses(resumed), _losses(runs["tp"])
-    assert sorted(again) == list(range(6, 11))
-    assert max(abs(again[s] - whole[s]) for s in again) < 1e-5, (again, whole)
+    _assert_continues(resumed, runs["tp"], 1e-5)
     # No conversion crosses the ZeRO-3 boundary: refused before anything starts.
     tag = resumed / "checkpoints" / "global_step5"
     refused = run([PYTHON, "launcher/run.py", "--ds_config", "ds_configs/zero3.json",
