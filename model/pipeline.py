@@ -108,13 +108,6 @@ def layer_names(config: GPTConfig) -> list[Callable[[str], str | None]]:
     return maps
 
 
-def block_range(layers: range, config: GPTConfig) -> range:
-    """The transformer blocks among layer indices `layers` (a stage's slice)."""
-    first = max(layers.start, 2) - 2
-    last = min(layers.stop, 2 + config.n_layer) - 2
-    return range(first, max(first, last))
-
-
 def gpt_name(name: str, config: GPTConfig) -> str | None:
     """The GPT's name of a pipeline parameter or state-dict key: `tied_modules.embed.wte.weight`
     (DeepSpeed's name of the tied module) or `<layer>.<key>` (its layer index); a GPT name is
