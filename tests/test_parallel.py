@@ -57,7 +57,8 @@ def _scores(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The same model and data: 1 rank at ZeRO-0; on 4 ranks, 2 tensor x 2 data parallel at
-    ZeRO-1, 2 sequence x 2 data parallel at ZeRO-2, 2 tensor x 2 sequence parallel at ZeRO-1,
+    ZeRO-1, 2 sequence x 2 data parallel at ZeRO-2 and at ZeRO-3 (its parameters partitioned
+    over the sequence x data ranks), 2 tensor x 2 sequence parallel at ZeRO-1,
     2 pipeline x 2 data parallel at ZeRO-1 (2 micro-batches of 2 per step), 2 tensor x 2
     pipeline parallel at ZeRO-1 (2 of 4). Pipelined runs evaluate 8 micro-batches: the same 32
     val sequences as the others' 4 x 8."""
@@ -76,13 +77,16 @@ def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                 "train.micro_batch_size=2")  # fmt: skip
     tpp = _train(root / "tpp", 4, "ds_configs/zero1.json", data, *PIPELINED,
                  "train.micro_batch_size=4", "parallel.tensor=2", tasks)  # fmt: skip
-    stdout = {"one": one, "tp": tp, "sp": sp, "tpsp": tpsp, "pp": pp, "tpp": tpp}
+    sp3 = _train(root / "sp3", 4, "ds_configs/zero3.json", data, "train.micro_batch_size=4",
+                 "parallel.sequence=2")  # fmt: skip
+    stdout = {"one": one, "tp": tp, "sp": sp, "sp3": sp3, "tpsp": tpsp, "pp": pp, "tpp": tpp}
     return {"root": root, "stdout": stdout, "data": data} | {name: root / name for name in stdout}
 
 
 @pytest.mark.parametrize(
     ("name", "layout"),
     [("tp", "2 tensor x 2 data parallel"), ("sp", "2 sequence x 2 data parallel"),
+     ("sp3", "2 sequence x 2 data parallel"),
      ("tpsp", "2 tensor x 2 sequence x 1 data parallel"),
      ("pp", "2 pipeline x 2 data parallel"), ("tpp", "2 tensor x 2 pipeline x 1 data parallel")],
 )  # fmt: skip
@@ -224,8 +228,9 @@ def test_export_of_a_tensor_or_pipeline_parallel_run_is_the_whole_model(runs: di
         for key, tensor in exported["one"].items():
             assert exported[name][key].shape == tensor.shape
             torch.testing.assert_close(exported[name][key], tensor, atol=1e-4, rtol=0)
-    # zerolaunch eval reads the merged weights: the val loss the split loop logged.
-    for name in ("tp", "tpp"):
+    # zerolaunch eval reads the merged weights (and the ZeRO-3 shards of the sequence x data
+    # ranks): the val loss the split loop logged.
+    for name in ("tp", "tpp", "sp3"):
         cmd = [ZEROLAUNCH, "eval", str(runs[name]), "--tag", "global_step10"]
         result = json.loads(run(cmd).stdout)
         assert result["metrics"]["Loss/val"] == pytest.approx(

@@ -75,6 +75,16 @@ def build_engine(
 
     if isinstance(model, GPT):  # a PipelineModule's blocks were given it before
         use_deepspeed_checkpointing(model, settings.activation_checkpointing)
+    if settings.zero_stage == 3 and mpu is not None and mpu.layout.sequence > 1:
+        # DeepSpeed would partition the parameters over mpu's data-parallel ranks while ZeRO-3
+        # reduces their gradients over the sequence x data ranks (every parameter's gradient
+        # landing in the wrong places: 0.007 off after one step); partition over those.
+        deepspeed.zero.Init(
+            module=model,
+            data_parallel_group=mpu.get_sequence_data_parallel_group(),
+            config_dict_or_path=deepspeed_config(settings.ds_config),
+            mpu=mpu,
+        )
     optimizer = build_optimizer(model, train, settings.offload_optimizer)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(settings.ds_config), mpu=mpu

@@ -285,7 +285,7 @@ def _loop(s: Session, state: TrainState) -> None:
                 state.step,
                 t.grad_accum_steps,
                 s.reporter.timer,
-                1.0 / s.plan.layout.sequence,
+                sequence_parallel.backward_scale(s.plan.layout.sequence, s.plan.engine.zero_stage),
             )
         s.reporter.step_done(loss)
         state.step += 1

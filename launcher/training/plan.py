@@ -444,12 +444,6 @@ def _zero_problems(layout: Layout, engine: EngineSettings) -> list[str]:
             "gather every parameter in each of the micro-batches the schedule interleaves); use "
             "ds_configs/zero1.json (each data-parallel rank keeps 1/data of the optimizer states)"
         )
-    if layout.sequence > 1 and engine.zero_stage == 3:
-        problems.append(
-            f"parallel.sequence={layout.sequence} with ZeRO stage 3: with DeepSpeed-Ulysses, "
-            "DeepSpeed's stage 3 does not reproduce the unsplit model's training here (losses "
-            "0.007 apart after one step, where stages 0-2 agree within 1e-6); use ZeRO-1 or 2"
-        )
     if layout.tensor > 1 and engine.zero_stage == 3:
         problems.append(
             f"parallel.tensor={layout.tensor} with ZeRO stage 3: ZeRO-3 would partition the "

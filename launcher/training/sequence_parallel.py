@@ -6,9 +6,11 @@ Each of the `parallel.sequence` ranks of a replica holds a contiguous slice of e
 all-to-all trades the sequence slices of all heads for whole sequences of a share of the heads
 (DeepSpeed's `DistributedAttention`), each rank attends causally over the whole sequence for
 its heads, and a second all-to-all gives every rank its slice back. Weights are replicated over
-the sequence ranks; DeepSpeed reduces their gradients over the sequence x data ranks and
-divides by the data-parallel size only, so each rank backpropagates its slice's mean loss
-divided by the sequence size (`backward_scale`): together the mean over the whole sequence.
+the sequence ranks; DeepSpeed reduces their gradients over the sequence x data ranks. At ZeRO
+stages 0-2 it divides by the data-parallel size only, so each rank backpropagates its slice's
+mean loss divided by the sequence size (`backward_scale`): together the mean over the whole
+sequence. ZeRO-3 divides by the sequence x data ranks itself (scale 1), and must partition the
+parameters over those same ranks (`engine.build_engine`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from typing import Any
 import torch
 
 from model.gpt import GPT
+
+
+def backward_scale(sequence: int, zero_stage: int) -> float:
+    """What each rank's loss is multiplied by for backward (see the module's docstring)."""
+    return 1.0 if sequence == 1 or zero_stage == 3 else 1.0 / sequence
 
 
 class UlyssesAttention:
