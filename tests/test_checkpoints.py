@@ -187,7 +187,7 @@ def test_killed_save_falls_back_to_the_previous_complete_tag(
 
 @pytest.fixture(scope="module")
 def base_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """2 ranks, ZeRO-2, global batch 8 (micro 4), dropout 0, a checkpoint at step 4."""
+    """2 ranks, ZeRO-2, global batch 8 (micro 4), dropout 0, checkpoints at steps 4 and 8."""
     out = tmp_path_factory.mktemp("base") / "run"
     deepspeed(
         2,
@@ -197,7 +197,7 @@ def base_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "train.micro_batch_size=4",
         f"data.train={tiny_data}",
         f"out_dir={out}",
-        "train.max_steps=5",
+        "train.max_steps=8",
     )
     return out
 
@@ -224,22 +224,25 @@ def test_resume_at_another_world_size_or_stage(
         f"train.grad_accum_steps={accum}",
         f"data.train={tiny_data}",
         f"out_dir={resumed}",
-        "train.max_steps=5",
+        "train.max_steps=8",
     )
     assert "loading it in DeepSpeed's universal format" in result.stdout
     assert "read again or skipped" not in result.stderr  # the same global batch: no warning
     assert (resumed / "checkpoints" / "global_step4_universal" / store.META_FILE).exists()
-    # Same global batch (8 sequences), same samples: the loss the original run had at step 5.
-    assert losses(resumed)[5] == pytest.approx(losses(base_run)[5], abs=1e-5)
-    meta = store.read_meta(resumed / "checkpoints" / "global_step5")
-    assert meta.world_size == ranks and meta.consumed_samples == 40
+    # Same global batch (8 sequences), same samples: the losses the original run had at steps
+    # 5-8 (the weights decide step 5; the optimizer's restored state the steps after it).
+    again, before = losses(resumed), losses(base_run)
+    assert sorted(again) == [5, 6, 7, 8]
+    assert all(again[s] == pytest.approx(before[s], abs=1e-5) for s in again), (again, before)
+    meta = store.read_meta(resumed / "checkpoints" / "global_step8")
+    assert meta.world_size == ranks and meta.consumed_samples == 64
 
 
 def test_export_loads_in_transformers_with_equal_logits(base_run: Path, tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")  # in the dev extra: present in CI
     out = tmp_path / "hf"
     result = run([PYTHON, "-m", "launcher.export", "--run", str(base_run), "--out", str(out)])
-    assert "global_step5" in result.stdout
+    assert "global_step8" in result.stdout
     assert {p.name for p in out.iterdir()} >= {
         "model.safetensors",
         "config.json",

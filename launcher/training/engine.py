@@ -75,6 +75,9 @@ def build_engine(
 
     if isinstance(model, GPT):  # a PipelineModule's blocks were given it before
         use_deepspeed_checkpointing(model, settings.activation_checkpointing)
+    # The groups first: they tell matrices (decayed) from the rest by their shapes, which
+    # ZeRO-3's partitioning hides.
+    optimizer = build_optimizer(model, train, settings.offload_optimizer)
     if settings.zero_stage == 3 and mpu is not None and mpu.layout.sequence > 1:
         # DeepSpeed would partition the parameters over mpu's data-parallel ranks while ZeRO-3
         # reduces their gradients over the sequence x data ranks (every parameter's gradient
@@ -85,7 +88,6 @@ def build_engine(
             config_dict_or_path=deepspeed_config(settings.ds_config),
             mpu=mpu,
         )
-    optimizer = build_optimizer(model, train, settings.offload_optimizer)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(settings.ds_config), mpu=mpu
     )
@@ -99,6 +101,22 @@ def build_engine(
 
         engine.checkpoint_engine = AsyncWriter()
     return engine
+
+
+def repair_universal_load(engine: Any, train: TrainConfig) -> None:
+    """After DeepSpeed 0.19.8 loads a universal checkpoint at ZeRO-3, every parameter group has
+    the first group's weight decay and all groups share one Adam `step` tensor, which fused
+    AdamW then advances once per group (measured: a 4-rank ZeRO-3 tag resumed on 2 ranks drifted
+    0.012 from the unchanged run within 4 steps). Put back the spec's groups (param_groups'
+    order: decayed matrices, then the rest) and one step counter per state."""
+    groups = engine.optimizer.param_groups
+    if len(groups) == 2:
+        for group, decay in zip(groups, (train.weight_decay, 0.0)):
+            group["weight_decay"] = decay
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def set_lr(engine: Any, lr: float) -> None:

@@ -31,7 +31,12 @@ from launcher.runtime.stopping import TIME_LIMIT, Deadline, Stopper
 from launcher.runtime.topology import ParallelGroups
 from launcher.training import sequence_parallel
 from launcher.training.divergence import Diverged, DivergenceWatch, advice, decode
-from launcher.training.engine import build_engine, set_lr, use_deepspeed_checkpointing
+from launcher.training.engine import (
+    build_engine,
+    repair_universal_load,
+    set_lr,
+    use_deepspeed_checkpointing,
+)
 from launcher.training.memory import engine_state_bytes
 from launcher.training.pipeline import (
     pipeline_logits,
@@ -160,6 +165,8 @@ def _resume(plan: RunPlan, engine: Any) -> TrainState:
     if resume is None:
         return TrainState()
     store.load(engine, resume.tag_dir, resume.universal)
+    if resume.universal:
+        repair_universal_load(engine, t)
     step = resume.meta.step
     state = TrainState(step, resume.meta.consumed_samples, saved_step=step, start_step=step)
     if resume.universal:  # no per-rank RNG to restore at a new world size
