@@ -104,11 +104,12 @@ def build_engine(
 
 
 def repair_universal_load(engine: Any, train: TrainConfig) -> None:
-    """After DeepSpeed 0.19.8 loads a universal checkpoint at ZeRO-3, every parameter group has
-    the first group's weight decay and all groups share one Adam `step` tensor, which fused
-    AdamW then advances once per group (measured: a 4-rank ZeRO-3 tag resumed on 2 ranks drifted
-    0.012 from the unchanged run within 4 steps). Put back the spec's groups (param_groups'
-    order: decayed matrices, then the rest) and one step counter per state."""
+    """After any universal load: DeepSpeed 0.19.8's loader (seen at ZeRO-3) gives every
+    parameter group the first group's weight decay and all groups one shared Adam `step` tensor,
+    which fused AdamW then advances once per group (a 4-rank ZeRO-3 tag resumed on 2 ranks
+    drifted 0.012 from the unchanged run within 4 steps). Put back the spec's groups
+    (param_groups' order: decayed matrices, then the rest) and one step counter per state;
+    where the loader got them right this changes nothing."""
     groups = engine.optimizer.param_groups
     if len(groups) == 2:
         for group, decay in zip(groups, (train.weight_decay, 0.0)):
