@@ -71,7 +71,7 @@ def cross_check(plan: RunPlan) -> str:
     if found is None:
         return f"DeepSpeed has no model-states estimate for ZeRO-{plan.engine.zero_stage}"
     name, device, host = found
-    ours = estimate(plan.spec.model, plan.engine, plan.layout.tensor, plan.layout.sequence)
+    ours = plan.memory  # the configured stage's estimate, for this layout
     note = "" if plan.engine.half else " (DeepSpeed's formula assumes 16-bit training)"
     return (
         f"model states per device: ours {_gib(ours.model_states)} GiB (host {_gib(ours.cpu)} per "

@@ -318,8 +318,7 @@ class TensorParallelGPT(GPT):
     def output(
         self, x: torch.Tensor, targets: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.lm_head(x)
-        loss = None if targets is None else self.loss(logits, targets)
+        logits, loss = super().output(x, targets)
         if self.gather_logits:
             logits = gather_from_region(logits, self.tp)
         return logits, loss

@@ -107,13 +107,14 @@ def repair_universal_load(engine: Any, train: TrainConfig) -> None:
     """After any universal load: DeepSpeed 0.19.8's loader (seen at ZeRO-3) gives every
     parameter group the first group's weight decay and all groups one shared Adam `step` tensor,
     which fused AdamW then advances once per group (a 4-rank ZeRO-3 tag resumed on 2 ranks
-    drifted 0.012 from the unchanged run within 4 steps). Put back the spec's groups
-    (param_groups' order: decayed matrices, then the rest) and one step counter per state;
-    where the loader got them right this changes nothing."""
+    drifted 0.012 from the unchanged run within 4 steps). Put back the spec's groups (as
+    `param_groups` makes them) and one step counter per state; where the loader got them right
+    this changes nothing."""
     groups = engine.optimizer.param_groups
-    if len(groups) == 2:
-        for group, decay in zip(groups, (train.weight_decay, 0.0)):
-            group["weight_decay"] = decay
+    spec_groups = param_groups(torch.nn.Module(), train.weight_decay)  # their settings, in order
+    if len(groups) == len(spec_groups):
+        for group, spec_group in zip(groups, spec_groups):
+            group["weight_decay"] = spec_group["weight_decay"]
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     for state in base.state.values():
         if torch.is_tensor(state.get("step")):

@@ -70,9 +70,9 @@ def train_step(
 ) -> StepLoss:
     """One optimizer step of `accum` micro-batches; `batches` is anything with
     `.train(step, micro_step) -> (x, y)`. With a timer, each micro-step is marked (no sync).
-    `backward_scale`: what each rank's loss is multiplied by for backward (1 / the sequence-
-    parallel size: DeepSpeed sums the gradients of a sequence's slices); the loss reported is
-    unscaled."""
+    `backward_scale`: what each rank's loss is multiplied by for backward
+    (`sequence_parallel.backward_scale`: DeepSpeed sums the gradients of a sequence's slices);
+    the loss reported is unscaled."""
     losses = []
     for micro in range(accum):
         start = timer.mark() if timer else None
