@@ -32,6 +32,7 @@ from launcher.monitoring.sinks import (
     csv_file_name,
     monitor_dir,
     resolve_wandb_mode,
+    wandb_settings,
     wandb_summary,
 )
 from launcher.report import task_accuracies
@@ -206,6 +207,21 @@ def test_tensorboard_and_csv_go_where_the_spec_or_the_deepspeed_json_says(tmp_pa
     assert deepspeed_config(ds) == {"train_batch_size": 16, "bf16": {}}
     assert "tensorboard" in ds  # the run's ds_config.json keeps them
     assert csv_file_name("Loss/val/wiki") == "Loss_val_wiki.csv"
+
+
+def test_the_deepspeed_jsons_wandb_section_names_the_one_wandb_run(capsys) -> None:
+    section = {"enabled": True, "project": "gpt-neox", "group": "ablation", "team": "lab"}
+    named = wandb_settings(WandbConfig(), section)
+    assert (named.project, named.group, named.entity) == ("gpt-neox", "ablation", "lab")
+    own = WandbConfig(project="mine", group="g", entity="me", tags=["a"])
+    assert wandb_settings(own, section) == own  # what the spec names wins
+    assert wandb_settings(WandbConfig(), {"enabled": True}) == WandbConfig()
+    assert wandb_settings(WandbConfig(), {**section, "enabled": False}) == WandbConfig()
+    off = WandbConfig(enabled=False)
+    assert wandb_settings(off, section) == off
+    assert "wandb section is ignored" in capsys.readouterr().err
+    # DeepSpeed never gets it: its own wandb.init would start a second run (samples as steps).
+    assert deepspeed_config({"wandb": section, "bf16": {}}) == {"bf16": {}}
 
 
 def test_wandb_summaries_say_what_matters_of_each_metric() -> None:
@@ -385,6 +401,7 @@ def test_two_rank_run_logs_every_metric_detects_overfitting_and_resumes_after_a_
     # TensorBoard through the DeepSpeed JSON's own section, CSV through the spec.
     ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
     ds["tensorboard"] = {"enabled": True, "output_path": str(tb_dir.parent), "job_name": "memorise"}
+    ds["wandb"] = {"enabled": True, "project": "from-json", "group": "memorise"}
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "launcher/run.py",
            "--ds_config", str(tmp_path / "ds.json")]  # fmt: skip
@@ -420,6 +437,12 @@ def test_two_rank_run_logs_every_metric_detects_overfitting_and_resumes_after_a_
         assert row["Memory/peak_gib"] > 0 and row["Timing/dtf_avg"] < row["Timing/dt_avg"]
     assert [a.title for a in alerts(first_file)] == ["Overfitting"]
     run_id = run_record(first_file).run_id
+    # The DeepSpeed JSON's wandb section named the one run (DeepSpeed started none of its own).
+    assert (run_record(first_file).project, run_record(first_file).run_group) == (
+        "from-json",
+        "memorise",
+    )
+    assert not any(name.startswith("Train/Samples") for name in set().union(*rows))
     assert run_id == store.read_meta(out / "checkpoints" / f"global_step{event['step']}").run_id
     declared = declared_metrics(first_file)
     assert declared["Training/tokens"].summary.max and declared["Loss/val"].summary.min

@@ -169,7 +169,9 @@ class SampleConfig:
 
 @dataclass
 class WandbConfig:
-    """Weights & Biases: rank 0 logs every metric; a failure warns once and training goes on."""
+    """Weights & Biases: rank 0 logs every metric; a failure warns once and training goes on.
+    A DeepSpeed JSON's `wandb` section fills in project, group and entity (its `team`) where
+    these are left at their defaults (monitoring/sinks.py: wandb_settings)."""
 
     enabled: bool = True
     """Log to wandb at all (metrics.jsonl is always written)."""

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,6 +43,29 @@ def _warn_off(sink: str, error: Exception) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+def wandb_settings(spec: WandbConfig, section: dict | None) -> WandbConfig:
+    """The wandb run to log to: the spec's, taking the project, group and team (entity) that the
+    DeepSpeed JSON's enabled `wandb` section names where the spec leaves them at their defaults.
+    That section never starts a second run of DeepSpeed's own (engine.py removes it): one run
+    holds every metric. With `monitor.wandb.enabled: false` the spec wins, with a warning."""
+    section = section or {}
+    if not section.get("enabled"):
+        return spec
+    if not spec.enabled:
+        print(
+            "warning: the DeepSpeed JSON's wandb section is ignored: the run spec turns wandb off "
+            "(monitor.wandb.enabled: false)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return spec
+    project = spec.project
+    if project == WandbConfig.project:  # the spec's default: the section's name wins
+        project = section.get("project") or project
+    group, entity = spec.group or section.get("group"), spec.entity or section.get("team")
+    return replace(spec, project=project, group=group, entity=entity)
 
 
 def wandb_summary(name: str) -> str | None:

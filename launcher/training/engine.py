@@ -48,14 +48,14 @@ def use_deepspeed_checkpointing(model: GPT, section: ActivationCheckpointing | N
     model.checkpoint_fn = deepspeed.checkpointing.checkpoint
 
 
-OWN_MONITORS = ("tensorboard", "csv_monitor")
+OWN_MONITORS = ("tensorboard", "csv_monitor", "wandb")
 """DeepSpeed JSON sections the launcher's own sinks serve (monitoring/sinks.py: every metric)."""
 
 
 def deepspeed_config(ds_config: dict) -> dict:
-    """The JSON for deepspeed.initialize: without the `tensorboard` and `csv_monitor` sections,
-    which rank 0 serves itself with every metric; DeepSpeed would open a second writer into the
-    same directory for its own three."""
+    """The JSON for deepspeed.initialize: without the `tensorboard`, `csv_monitor` and `wandb`
+    sections, which rank 0 serves itself with every metric; DeepSpeed would open a second writer
+    into the same directory (a second wandb run) for its own three, plotted against samples."""
     return {key: value for key, value in ds_config.items() if key not in OWN_MONITORS}
 
 

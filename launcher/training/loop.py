@@ -25,7 +25,7 @@ from launcher.evaluation.val_loss import evaluate
 from launcher.monitoring import mfu
 from launcher.monitoring.metrics import Reporter, Throughput, data_metrics
 from launcher.monitoring.overfit import OverfitDetector
-from launcher.monitoring.sinks import MetricsLog, Sinks, WandbSink, file_sinks
+from launcher.monitoring.sinks import MetricsLog, Sinks, WandbSink, file_sinks, wandb_settings
 from launcher.monitoring.timing import StepTimer
 from launcher.runtime.stopping import TIME_LIMIT, Deadline, Stopper
 from launcher.runtime.topology import ParallelGroups
@@ -209,13 +209,15 @@ def _reporter(plan: RunPlan, device: torch.device, started_at: float, step: int)
 
 def _sinks(plan: RunPlan, resume_step: int) -> Sinks:
     """metrics.jsonl, wandb, and the TensorBoard and CSV files the spec or the DeepSpeed JSON's
-    `tensorboard` / `csv_monitor` sections turn on (engine.py keeps those from DeepSpeed)."""
+    `tensorboard` / `csv_monitor` sections turn on; its `wandb` section names the run's project,
+    group and team (engine.py keeps the three sections from DeepSpeed)."""
     spec, ds_config = plan.spec, plan.engine.ds_config
     log = MetricsLog(spec.run_dir / "metrics.jsonl", resume_step)
     # Steps logged past the checkpoint (a crash): wandb rewinds the run to it, else goes on.
     rewind_to = resume_step if resume_step > 0 and log.dropped else None
     config = {"spec": spec_to_dict(spec), "ds_config": ds_config}
-    wandb = WandbSink(spec.monitor.wandb, spec.name, spec.run_dir, plan.run_id, config, rewind_to)
+    settings = wandb_settings(spec.monitor.wandb, ds_config.get("wandb"))
+    wandb = WandbSink(settings, spec.name, spec.run_dir, plan.run_id, config, rewind_to)
     files = file_sinks(spec.monitor, ds_config, spec.run_dir, resume_step)
     return Sinks(log, wandb, files)
 
