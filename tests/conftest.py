@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -151,6 +152,29 @@ def start_deepspeed_run(tiny_data: Path, out: Path, *extra: str) -> subprocess.P
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.5)
     return proc
+
+
+def output_of(proc: subprocess.Popen, timeout: float = 180) -> str:
+    """The merged output of a launch from start_deepspeed_run once every process holding it has
+    closed it. Past `timeout` the session is killed and the test fails with what is still running
+    and the output's end (a launch that hangs says where)."""
+    import signal
+
+    import psutil
+
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        alive = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getsid(p.info["pid"]) == proc.pid:
+                    alive.append(f"{p.info['pid']}: {' '.join(p.info['cmdline'] or [])[:160]}")
+        os.killpg(proc.pid, signal.SIGKILL)
+        output = proc.communicate(timeout=60)[0]
+        pytest.fail(
+            f"still running after {timeout} s:\n" + "\n".join(alive) + "\n" + output[-6000:]
+        )
 
 
 def free_port() -> int:

@@ -35,6 +35,8 @@ def _tasks(root: Path) -> dict[str, Path]:
     rows, lines = [], []
     for start in range(1000, 200_000, 12_500):
         context, ending = text[start : start + 40], text[start + 40 : start + 56]
+        if not ending.strip():  # indentation alone (which stdlib's source, by Python version)
+            continue
         junk = ["".join(rng.choice(alphabet) for _ in ending) for _ in range(3)]
         label = rng.randrange(4)
         endings = junk[:label] + [ending] + junk[label:]

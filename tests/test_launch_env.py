@@ -9,7 +9,15 @@ import subprocess
 
 import pytest
 import torch
-from conftest import PYTHON, TINY, overrides, read_metrics, run, start_deepspeed_run
+from conftest import (
+    PYTHON,
+    TINY,
+    output_of,
+    overrides,
+    read_metrics,
+    run,
+    start_deepspeed_run,
+)
 
 from launcher.config.spec import parse_duration
 from launcher.errors import EXIT_REQUEUE
@@ -240,7 +248,7 @@ def test_ctrl_c_saves_and_the_same_command_resumes(tiny_data, tmp_path) -> None:
     out = tmp_path / "run"
     proc = start_deepspeed_run(tiny_data, out)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: every process
-    output, _ = proc.communicate(timeout=180)  # returns once every rank has closed its output
+    output = output_of(proc)  # once every rank has closed its output
     step = stopped_step(output, "received SIGINT", out)
     assert "interrupted: saving at the next step boundary" in output
     items = [*TINY, f"data.train={tiny_data}", f"out_dir={out}", "train.log_interval=1"]
@@ -255,5 +263,5 @@ def test_ranks_whose_launcher_is_gone_save_and_stop(tiny_data, tmp_path) -> None
     out = tmp_path / "run"
     proc = start_deepspeed_run(tiny_data, out)
     proc.send_signal(signal.SIGINT)  # the runner alone: it exits, its ranks would train on
-    output, _ = proc.communicate(timeout=180)  # returns once every rank has closed its output
+    output = output_of(proc)  # once every rank has closed its output
     stopped_step(output, r"the launcher that started the ranks \(pid \d+\) is gone", out)
