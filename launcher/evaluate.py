@@ -249,6 +249,7 @@ def evaluate(plan: EvalPlan, engine: Any, device: Any, rank: int, world_size: in
     """Every set's loss and every task's scores, the same on every rank."""
     from launcher.evaluation.tasks import score
     from launcher.evaluation.val_loss import dataset_loss
+    from launcher.monitoring.metrics import task_metrics, val_set_metrics
 
     forward = lambda x: engine(x)[0]  # noqa: E731 - logits of every position
     micro, result = plan.micro_batch_size, {"datasets": {}, "tasks": {}, "metrics": {}}
@@ -258,13 +259,13 @@ def evaluate(plan: EvalPlan, engine: Any, device: Any, rank: int, world_size: in
         result["datasets"][name] = {
             "loss": loss, "perplexity": ppl, "samples": n, "tokens": tokens, "from": where
         }  # fmt: skip
-        result["metrics"][f"Loss/val/{name}"] = loss
+        result["metrics"] |= val_set_metrics({name: loss})
         if name == plan.monitor:
             result["metrics"] |= {"Loss/val": loss, "Loss/perplexity_val": ppl}
     for task in plan.tasks:
         scores = score(task, forward, micro, device, rank, world_size)
         result["tasks"][task.name] = {**scores, "file": str(task.path)}
-        result["metrics"] |= {f"Eval/{task.name}/{k}": v for k, v in scores.items() if k != "n"}
+        result["metrics"] |= task_metrics(task.name, scores)
     return result
 
 

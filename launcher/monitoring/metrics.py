@@ -76,6 +76,16 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def val_set_metrics(losses: dict[str, float]) -> dict[str, float]:
+    """Loss/val/<name> of each named val set (the training loop and `zerolaunch eval` alike)."""
+    return {f"Loss/val/{name}": loss for name, loss in losses.items()}
+
+
+def task_metrics(task: str, scores: dict[str, float]) -> dict[str, float]:
+    """Eval/<task>/<metric> of a downstream task's scores (acc, acc_norm or ppl; not `n`)."""
+    return {f"Eval/{task}/{metric}": value for metric, value in scores.items() if metric != "n"}
+
+
 def data_metrics(samples: BlendedSamples, consumed_samples: int) -> dict[str, float]:
     """consumed_samples, Data/epoch (the first source's) and per-source tokens and epochs."""
     progress = samples.progress(consumed_samples)

@@ -23,7 +23,13 @@ from launcher.evaluation.sampling import whole_logits
 from launcher.evaluation.tasks import score
 from launcher.evaluation.val_loss import evaluate
 from launcher.monitoring import mfu
-from launcher.monitoring.metrics import Reporter, Throughput, data_metrics
+from launcher.monitoring.metrics import (
+    Reporter,
+    Throughput,
+    data_metrics,
+    task_metrics,
+    val_set_metrics,
+)
 from launcher.monitoring.overfit import OverfitDetector
 from launcher.monitoring.sinks import MetricsLog, Sinks, WandbSink, file_sinks, wandb_settings
 from launcher.monitoring.timing import StepTimer
@@ -354,7 +360,7 @@ def _val_record(s: Session, step: int) -> dict:
     losses = {name: val_loss(s.engine, b, spec.eval.batches) for name, b in s.val_batches.items()}
     record = s.reporter.val_record(step, losses[data.monitor])
     if spec.eval.sets:
-        record |= {f"Loss/val/{name}": loss for name, loss in losses.items()}
+        record |= val_set_metrics(losses)
     return record
 
 
@@ -377,7 +383,7 @@ def _scores(s: Session, forward: Any, share: tuple) -> dict:
     record = {}
     for task in s.plan.data.tasks:
         scores = score(task, forward, s.plan.engine.micro_batch_size, s.device, *share)
-        record |= {f"Eval/{task.name}/{k}": v for k, v in scores.items() if k != "n"}
+        record |= task_metrics(task.name, scores)
     return record
 
 
