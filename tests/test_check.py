@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import PYTHON, overrides, run
 
@@ -50,6 +51,11 @@ def test_a_13b_model_is_checked_in_seconds_on_the_meta_device(
     rows = {line.split()[0]: line for line in out.splitlines() if line[:1] in "0123"}
     assert "DOES NOT FIT" in rows["0"] and "fits" in rows["3"] and "<- configured" in rows["3"]
     assert not (tmp_path / "r").exists()  # nothing written, nothing launched
+    # Every rank of a node builds the whole model in fp32 first: 8 x 4 bytes x 12.85e9.
+    need = 8 * 4 * 12_853_626_880
+    assert f"start-up host memory per node: {need / GIB:,.2f} GiB (8 rank(s)" in out
+    if psutil.virtual_memory().available < need:  # this machine: it cannot start them
+        assert f"warning: starting takes about {need / GIB:,.0f} GiB of host memory" in out
 
 
 def test_all_problems_are_listed_together(tmp_path: Path) -> None:

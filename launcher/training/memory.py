@@ -238,6 +238,27 @@ def deepspeed_estimate(
     return "estimate_zero3_model_states_mem_needs", float(device), float(host)
 
 
+def startup_host_bytes(config: GPTConfig, local_ranks: int, reads_weights: bool) -> float:
+    """Host memory a node needs while its ranks start: each builds the whole model in fp32 on
+    the CPU (model/gpt.py) before DeepSpeed moves it to its device (and ZeRO-3 partitions it, or
+    tensor and pipeline parallelism cut it), and holds a second whole copy while it reads
+    checkpoint.init_from or model.init_from weights."""
+    return local_ranks * 4.0 * count_params(config) * (2 if reads_weights else 1)
+
+
+def startup_memory_warning(need: float, available: float, local_ranks: int) -> str | None:
+    """A warning when the node's available memory cannot hold what its ranks build at start."""
+    if need <= available:
+        return None
+    return (
+        f"starting takes about {need / GIB:,.0f} GiB of host memory on this node ({local_ranks} "
+        f"rank(s), each building the whole model in fp32 before DeepSpeed shards it) but "
+        f"{available / GIB:,.0f} GiB is available: the out-of-memory killer may stop the ranks "
+        "before training starts. Start fewer ranks per node or use nodes with more memory "
+        "(models are not yet built shard by shard)"
+    )
+
+
 def largest_layer_params(config: GPTConfig) -> int:
     """Parameters of the largest single module (ZeRO-3 gathers one at a time), on meta."""
     from model.gpt import GPT

@@ -44,7 +44,13 @@ from launcher.errors import UserError, combined
 from launcher.evaluation.tasks import Task, load_tasks
 from launcher.runtime.distributed import DistEnv, bf16_supported, detect_env, device_type
 from launcher.runtime.topology import Layout, layout_problems
-from launcher.training.memory import GIB, Estimate, estimate
+from launcher.training.memory import (
+    GIB,
+    Estimate,
+    estimate,
+    startup_host_bytes,
+    startup_memory_warning,
+)
 
 VOCAB_MULTIPLE = 64
 
@@ -429,9 +435,19 @@ def prepare_run(
         engine = engine.loading_universal()
     run_id = resume.meta.run_id if resume else secrets.token_hex(6)
     memory = estimate(spec.model, engine, layout.tensor, layout.sequence, layout.pipeline)
+    warnings += _startup_warning(spec, env, init is not None or init_hf is not None)
     return RunPlan(
         spec, engine, env, data, resume, warnings, run_id, memory, device, init, init_hf, layout
     )
+
+
+def _startup_warning(spec: RunSpec, env: DistEnv, reads_weights: bool) -> list[str]:
+    """Whether this node's memory holds the whole models its ranks build at start."""
+    import psutil
+
+    need = startup_host_bytes(spec.model, env.local_world_size, reads_weights)
+    warning = startup_memory_warning(need, psutil.virtual_memory().available, env.local_world_size)
+    return [warning] if warning else []
 
 
 def _zero_problems(layout: Layout, engine: EngineSettings) -> list[str]:
