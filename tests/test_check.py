@@ -13,7 +13,12 @@ from conftest import PYTHON, overrides, run
 from launcher.check import parse_memory
 from launcher.config.ds_config import resolve_engine
 from launcher.config.spec import TrainConfig
-from launcher.training.memory import GIB, deepspeed_estimate, estimate
+from launcher.training.memory import (
+    GIB,
+    deepspeed_estimate,
+    estimate,
+    startup_memory_warning,
+)
 from model.gpt import GPTConfig, count_params
 
 GPT_13B = [
@@ -56,6 +61,10 @@ def test_a_13b_model_is_checked_in_seconds_on_the_meta_device(
     assert f"start-up host memory per node: {need / GIB:,.2f} GiB (8 rank(s)" in out
     if psutil.virtual_memory().available < need:  # this machine: it cannot start them
         assert f"warning: starting takes about {need / GIB:,.0f} GiB of host memory" in out
+    assert startup_memory_warning(need, need, 8) is None  # it fits: nothing to say
+    short = startup_memory_warning(need, 100 * GIB, 8)
+    assert "about 383 GiB of host memory on this node (8 rank(s)" in short
+    assert "100 GiB is available" in short and "Start fewer ranks per node" in short
 
 
 def test_all_problems_are_listed_together(tmp_path: Path) -> None:
