@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -135,6 +136,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the launch's first process, before it starts: SIGINT's default action again. A shell
+    runs a background job (`bash .ci/run &`) with SIGINT ignored, and every process started from
+    it inherits that, the deepspeed runner too: it would never exit on a Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_deepspeed_run(tiny_data: Path, out: Path, *extra: str) -> subprocess.Popen:
     """2 ranks under the deepspeed runner in a session of their own, training until stopped
     (`extra` spec items win), returned once 3 metrics records are written."""
@@ -145,8 +153,9 @@ def start_deepspeed_run(tiny_data: Path, out: Path, *extra: str) -> subprocess.P
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
     pipe, merged = subprocess.PIPE, subprocess.STDOUT
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=pipe, stderr=merged, text=True, start_new_session=True
-    )
+        cmd, cwd=REPO, env=env, stdout=pipe, stderr=merged, text=True, start_new_session=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
+    )  # fmt: skip
     deadline = time.monotonic() + 180
     while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
@@ -158,8 +167,6 @@ def output_of(proc: subprocess.Popen, timeout: float = 180) -> str:
     """The merged output of a launch from start_deepspeed_run once every process holding it has
     closed it. Past `timeout` the session is killed and the test fails with what is still running
     and the output's end (a launch that hangs says where)."""
-    import signal
-
     import psutil
 
     try:
