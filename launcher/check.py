@@ -18,7 +18,7 @@ from launcher.config.arguments import add_spec_arguments, config_paths
 from launcher.config.paths import DEFAULT_DS_CONFIG
 from launcher.errors import UserError, run_cli
 from launcher.runtime.distributed import DistEnv, device_type
-from launcher.training.memory import GIB, deepspeed_estimate, estimate, startup_host_bytes
+from launcher.training.memory import GIB, deepspeed_estimate, estimate
 from launcher.training.plan import RunPlan, prepare_run
 from model.gpt import GPTConfig, count_params, flops_per_token
 
@@ -114,12 +114,10 @@ def report(plan: RunPlan, device_memory: float | None) -> str:
 
 def startup_line(plan: RunPlan) -> str:
     """What a node's host memory holds while its ranks build the model (memory.py)."""
-    reads = plan.init_from is not None or plan.init_hf is not None
-    n = plan.env.local_world_size
-    need = startup_host_bytes(plan.spec.model, n, reads)
-    twice = ", twice while reading the init weights" if reads else ""
+    twice = ", twice while reading the init weights" if plan.reads_init_weights else ""
     return (
-        f"start-up host memory per node: {_gib(need)} GiB ({n} rank(s) x the whole model in "
+        f"start-up host memory per node: {_gib(plan.startup_host_memory)} GiB "
+        f"({plan.env.local_world_size} rank(s) x the whole model in "
         f"fp32{twice}, before DeepSpeed moves and shards it)"
     )
 

@@ -78,6 +78,7 @@ def build_engine(
     # The groups first: they tell matrices (decayed) from the rest by their shapes, which
     # ZeRO-3's partitioning hides.
     optimizer = build_optimizer(model, train, settings.offload_optimizer)
+    config = deepspeed_config(settings.ds_config)
     if settings.zero_stage == 3 and mpu is not None and mpu.layout.sequence > 1:
         # DeepSpeed would partition the parameters over mpu's data-parallel ranks while ZeRO-3
         # reduces their gradients over the sequence x data ranks (every parameter's gradient
@@ -85,12 +86,10 @@ def build_engine(
         deepspeed.zero.Init(
             module=model,
             data_parallel_group=mpu.get_sequence_data_parallel_group(),
-            config_dict_or_path=deepspeed_config(settings.ds_config),
+            config_dict_or_path=config,
             mpu=mpu,
         )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(settings.ds_config), mpu=mpu
-    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu)
     if settings.zero_stage == 0 and settings.dp_size == 1:
         # Nothing to average with: skip the flatten-all-reduce-copy-back of every gradient.
         engine.enable_backward_allreduce = False

@@ -12,6 +12,7 @@ import hashlib
 import json
 import secrets
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from data_pipeline.foreign import declared_tokenizer, describe_spec, has_text
@@ -145,6 +146,17 @@ class RunPlan:
     def coords(self) -> dict[str, int]:
         """This rank's place on every axis of the layout."""
         return self.layout.coords(self.env.rank)
+
+    @property
+    def reads_init_weights(self) -> bool:
+        """Whether every rank reads a whole copy of starting weights (either init_from)."""
+        return self.init_from is not None or self.init_hf is not None
+
+    @cached_property
+    def startup_host_memory(self) -> float:
+        """Host memory this node's ranks take while they build the model (memory.py)."""
+        n = self.env.local_world_size
+        return startup_host_bytes(self.spec.model, n, self.reads_init_weights)
 
     def summary(self) -> str:
         m, e = self.spec.model, self.engine
@@ -435,18 +447,19 @@ def prepare_run(
         engine = engine.loading_universal()
     run_id = resume.meta.run_id if resume else secrets.token_hex(6)
     memory = estimate(spec.model, engine, layout.tensor, layout.sequence, layout.pipeline)
-    warnings += _startup_warning(spec, env, init is not None or init_hf is not None)
-    return RunPlan(
+    plan = RunPlan(
         spec, engine, env, data, resume, warnings, run_id, memory, device, init, init_hf, layout
     )
+    warnings += _startup_warning(plan)
+    return plan
 
 
-def _startup_warning(spec: RunSpec, env: DistEnv, reads_weights: bool) -> list[str]:
+def _startup_warning(plan: RunPlan) -> list[str]:
     """Whether this node's memory holds the whole models its ranks build at start."""
     import psutil
 
-    need = startup_host_bytes(spec.model, env.local_world_size, reads_weights)
-    warning = startup_memory_warning(need, psutil.virtual_memory().available, env.local_world_size)
+    available, n = psutil.virtual_memory().available, plan.env.local_world_size
+    warning = startup_memory_warning(plan.startup_host_memory, available, n)
     return [warning] if warning else []
 
 
