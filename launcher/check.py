@@ -114,11 +114,13 @@ def report(plan: RunPlan, device_memory: float | None) -> str:
 
 def startup_line(plan: RunPlan) -> str:
     """What a node's host memory holds while its ranks build the model (memory.py)."""
-    twice = ", twice while reading the init weights" if plan.reads_init_weights else ""
+    if plan.reads_init_weights:
+        what = "the whole init weights in fp32, read before each cuts its part"
+    else:
+        what = "one whole module in fp32 at most: each makes only its own parameters, on its device"
     return (
         f"start-up host memory per node: {_gib(plan.startup_host_memory)} GiB "
-        f"({plan.env.local_world_size} rank(s) x the whole model in "
-        f"fp32{twice}, before DeepSpeed moves and shards it)"
+        f"({plan.env.local_world_size} rank(s) x {what})"
     )
 
 

@@ -8,7 +8,6 @@ Kept free of DeepSpeed and of the launcher so it can be read, tested and reused 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +15,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
+
+from model.init import initial_value
 
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -335,20 +336,17 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:  # weight tying, as GPT-2
             self.transformer.wte.weight = self.lm_head.weight
-        self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per residual add.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if not self.lm_head.weight.is_meta:
+            self.init_weights(torch.initial_seed())
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    def init_weights(self, seed: int) -> None:
+        """Every parameter drawn anew from `seed` (model/init.py: each from its own generator, so
+        the values do not depend on the order of construction or on how the model is later
+        split). GPT(config) draws from torch's seed: torch.manual_seed(s) then GPT(config) gives
+        the weights a launch with train.seed=s starts from."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(initial_value(name, p.shape, self.config.n_layer, seed, p.device))
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; tied weights counted once. non_embedding drops the lookup tables
@@ -478,7 +476,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():  # parameters() yields a tied tensor once
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        # A parameter partitioned by ZeRO-3 is flat and empty; `ds_shape` keeps its shape.
+        matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
+        (decay if matrix and id(p) not in embeddings else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

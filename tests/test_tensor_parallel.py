@@ -145,8 +145,12 @@ def test_gradients_are_slices_of_the_full_gradients(family, ranks, full) -> None
 
 @pytest.mark.parametrize("family", CONFIGS)
 def test_adamw_steps_keep_the_full_models_losses(family, ranks, full) -> None:
+    # The first losses agree to fp32's summation order; by the last steps Adam has amplified
+    # it (at lr 1e-2 a gradient near zero whose sign flips moves its weight by a whole step):
+    # 6e-5 seen, against the 0.1 nats these steps learn.
     for out in ranks:
-        assert out[family]["losses"] == pytest.approx(full[family]["losses"], abs=1e-5)
+        assert out[family]["losses"][:3] == pytest.approx(full[family]["losses"][:3], abs=1e-5)
+        assert out[family]["losses"] == pytest.approx(full[family]["losses"], abs=2e-4)
     assert full[family]["losses"][-1] < full[family]["losses"][0] - 0.1  # the steps did learn
 
 

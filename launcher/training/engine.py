@@ -59,6 +59,26 @@ def deepspeed_config(ds_config: dict) -> dict:
     return {key: value for key, value in ds_config.items() if key not in OWN_MONITORS}
 
 
+def zero3_partition(module: torch.nn.Module, settings: EngineSettings, mpu: Any = None) -> None:
+    """ZeRO-3: partition `module`'s parameters over the data-parallel ranks now, as
+    deepspeed.initialize would (DeepSpeed's zero.Init on a built module: the training precision,
+    the JSON's parameter offload), so that the next module can be made in the memory freed.
+    With sequence parallelism over the sequence x data ranks: DeepSpeed would partition over
+    mpu's data-parallel ranks while ZeRO-3 reduces the gradients over those (every parameter's
+    gradient landing in the wrong places: 0.007 off after one step)."""
+    import deepspeed
+
+    group = None
+    if mpu is not None and mpu.layout.sequence > 1:
+        group = mpu.get_sequence_data_parallel_group()
+    elif mpu is not None:
+        group = mpu.get_data_parallel_group()
+    config = deepspeed_config(settings.ds_config)
+    deepspeed.zero.Init(
+        module=module, data_parallel_group=group, config_dict_or_path=config, mpu=mpu
+    )
+
+
 def build_engine(
     model: torch.nn.Module,
     train: TrainConfig,
@@ -75,20 +95,8 @@ def build_engine(
 
     if isinstance(model, GPT):  # a PipelineModule's blocks were given it before
         use_deepspeed_checkpointing(model, settings.activation_checkpointing)
-    # The groups first: they tell matrices (decayed) from the rest by their shapes, which
-    # ZeRO-3's partitioning hides.
     optimizer = build_optimizer(model, train, settings.offload_optimizer)
     config = deepspeed_config(settings.ds_config)
-    if settings.zero_stage == 3 and mpu is not None and mpu.layout.sequence > 1:
-        # DeepSpeed would partition the parameters over mpu's data-parallel ranks while ZeRO-3
-        # reduces their gradients over the sequence x data ranks (every parameter's gradient
-        # landing in the wrong places: 0.007 off after one step); partition over those.
-        deepspeed.zero.Init(
-            module=model,
-            data_parallel_group=mpu.get_sequence_data_parallel_group(),
-            config_dict_or_path=config,
-            mpu=mpu,
-        )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=mpu)
     if settings.zero_stage == 0 and settings.dp_size == 1:
         # Nothing to average with: skip the flatten-all-reduce-copy-back of every gradient.

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launcher.checkpoints import hf, store
+from launcher.checkpoints import store
 from launcher.checkpoints.contract import CheckpointMeta
 from launcher.checkpoints.universal import tensor_parallel_info
 from launcher.config.load import spec_to_dict
@@ -36,17 +36,16 @@ from launcher.monitoring.timing import StepTimer
 from launcher.runtime.stopping import TIME_LIMIT, Deadline, Stopper
 from launcher.runtime.topology import ParallelGroups
 from launcher.training import sequence_parallel
+from launcher.training.build import build_measured
 from launcher.training.divergence import Diverged, DivergenceWatch, advice, decode
 from launcher.training.engine import (
     build_engine,
     repair_universal_load,
     set_lr,
-    use_deepspeed_checkpointing,
 )
-from launcher.training.memory import engine_state_bytes
+from launcher.training.memory import ModelBuild, describe_build, engine_state_bytes
 from launcher.training.pipeline import (
     pipeline_logits,
-    pipeline_module,
     pipeline_step,
     pipeline_val_loss,
 )
@@ -54,8 +53,7 @@ from launcher.training.plan import RunPlan
 from launcher.training.profile import StepProfiler
 from launcher.training.schedule import lr_at
 from launcher.training.step import Batches, train_step
-from model.gpt import GPT, flops_per_token, recompute_fraction
-from model.tensor_parallel import TPGroup, parallelize
+from model.gpt import count_params, flops_per_token, recompute_fraction
 
 
 @dataclass
@@ -106,9 +104,10 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
     """Train to spec.train.max_steps (or an early stop, a signal, a time limit); returns the
     engine and where training ended. `started_at` is the process start on perf_counter's clock."""
     spec, env = plan.spec, plan.env
-    torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
     groups = ParallelGroups(plan.layout, env.rank) if plan.layout.model_parallel > 1 else None
-    model = _model(plan, groups)
+    model, build = build_measured(plan, groups, device)  # the same weights whatever the layout
+    if env.is_main:
+        print(describe_build(build, plan.spec.model), flush=True)
     # A pipeline engine builds its own groups (pipe x data x model, the same ranks as ours).
     mpu = groups if plan.layout.pipeline == 1 else None
     engine = build_engine(model, spec.train, plan.engine, spec.checkpoint.async_save, mpu)
@@ -139,31 +138,8 @@ def train(plan: RunPlan, device: torch.device, started_at: float) -> tuple[Any, 
         if summary is not None:
             print(summary, flush=True)
         reporter.finish()
-    write_memory_report(engine, plan)
+    write_memory_report(engine, plan, build)
     return engine, state
-
-
-def _model(plan: RunPlan, groups: ParallelGroups | None) -> torch.nn.Module:
-    """The GPT, initialised from a tag's weights for checkpoint.init_from, or a Hugging Face
-    model's for model.init_from (every rank reads them whole, in fp32; DeepSpeed partitions them
-    as usual); then cut to this rank's tensor-parallel shard (every rank built the same whole
-    model from the same seed, so the shards are the whole model's); with pipeline parallelism,
-    DeepSpeed's PipelineModule of its layers, holding this rank's stage."""
-    model = GPT(plan.spec.model)
-    if plan.init_from is not None and plan.resume is None:
-        model.load_state_dict(store.load_weights(plan.init_from))
-    if plan.init_hf is not None and plan.resume is None:
-        model.load_state_dict(hf.load_state(plan.init_hf, plan.spec.model))
-    if groups is not None and plan.layout.tensor > 1:
-        tp = TPGroup(groups.groups["tensor"], groups.coords["tensor"], plan.layout.tensor)
-        model = parallelize(model, tp)
-    if groups is not None and plan.layout.sequence > 1:
-        sequence = (groups.groups["sequence"], groups.coords["sequence"], plan.layout.sequence)
-        sequence_parallel.enable(model, *sequence)
-    if plan.layout.pipeline > 1:
-        use_deepspeed_checkpointing(model, plan.engine.activation_checkpointing)
-        return pipeline_module(model, plan.layout, plan.coords["tensor"])
-    return model
 
 
 def _resume(plan: RunPlan, engine: Any) -> TrainState:
@@ -472,19 +448,22 @@ def _drain(s: Session) -> None:
         _complete(s)
 
 
-def write_memory_report(engine: Any, plan: RunPlan) -> None:
-    """out_dir/memory.json: what each rank's engine holds, beside the pre-flight estimate."""
+def write_memory_report(engine: Any, plan: RunPlan, build: ModelBuild) -> None:
+    """out_dir/memory.json: what each rank's engine holds, beside the pre-flight estimate, and
+    how building each rank's model went."""
     if not engine.optimizer or not getattr(engine.optimizer, "state", True):
         return
-    held = engine_state_bytes(engine)
-    per_rank = [None] * plan.env.world_size
-    dist.all_gather_object(per_rank, held)
+    mine = (engine_state_bytes(engine), asdict(build))
+    per_rank: list[Any] = [None] * plan.env.world_size
+    dist.all_gather_object(per_rank, mine)
     if plan.env.is_main:
         est = plan.memory
         report = {
             "world_size": plan.env.world_size,
             "zero_stage": plan.engine.zero_stage,
-            "measured_bytes_per_rank": per_rank,
+            "model_build_per_rank": [b for _, b in per_rank],
+            "whole_model_fp32_bytes": 4 * count_params(plan.spec.model),
+            "measured_bytes_per_rank": [held for held, _ in per_rank],
             "estimated_bytes_per_rank": {
                 "params": est.params,
                 "grads": est.grads,

@@ -18,6 +18,7 @@ being recomputed.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from launcher.config.ds_config import EngineSettings
 from model.gpt import GPTConfig, count_params
 
 GIB = 2**30
+MIB = 2**20
 
 
 @dataclass
@@ -239,23 +241,31 @@ def deepspeed_estimate(
 
 
 def startup_host_bytes(config: GPTConfig, local_ranks: int, reads_weights: bool) -> float:
-    """Host memory a node needs while its ranks start: each builds the whole model in fp32 on
-    the CPU (model/gpt.py) before DeepSpeed moves it to its device (and ZeRO-3 partitions it, or
-    tensor and pipeline parallelism cut it), and holds a second whole copy while it reads
-    checkpoint.init_from or model.init_from weights."""
-    return local_ranks * 4.0 * count_params(config) * (2 if reads_weights else 1)
+    """Host memory a node needs while its ranks build the model (training/build.py), beyond what
+    they train with: each rank makes its own parameters one at a time on its device, so at most
+    one whole module in fp32 each (on a CPU device that is the training memory itself), or, while
+    it reads checkpoint.init_from or model.init_from weights, the whole fp32 state (an upper
+    bound: a ZeRO checkpoint is read a tensor at a time)."""
+    per_rank = count_params(config) if reads_weights else largest_layer_params(config)
+    return local_ranks * 4.0 * per_rank
 
 
-def startup_memory_warning(need: float, available: float, local_ranks: int) -> str | None:
+def startup_memory_warning(
+    need: float, available: float, local_ranks: int, reads_weights: bool
+) -> str | None:
     """A warning when the node's available memory cannot hold what its ranks build at start."""
     if need <= available:
         return None
+    each = (
+        "each reading the whole init weights in fp32 before it cuts its part"
+        if reads_weights
+        else "each making its parameters one whole module at a time"
+    )
     return (
-        f"starting takes about {need / GIB:,.0f} GiB of host memory on this node ({local_ranks} "
-        f"rank(s), each building the whole model in fp32 before DeepSpeed shards it) but "
-        f"{available / GIB:,.0f} GiB is available: the out-of-memory killer may stop the ranks "
-        "before training starts. Start fewer ranks per node or use nodes with more memory "
-        "(models are not yet built shard by shard)"
+        f"starting takes up to {need / GIB:,.0f} GiB of host memory on this node ({local_ranks} "
+        f"rank(s), {each}) but {available / GIB:,.0f} GiB is available: the out-of-memory "
+        "killer may stop the ranks before training starts. Start fewer ranks per node or use "
+        "nodes with more memory"
     )
 
 
@@ -266,6 +276,62 @@ def largest_layer_params(config: GPTConfig) -> int:
     with torch.device("meta"):
         model = GPT(config)
     return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+
+
+@dataclass
+class ModelBuild:
+    """How building this rank's model went (training/build.py), for memory.json."""
+
+    seconds: float
+    held_bytes: int
+    """Bytes of the parameters this rank holds once built (its partitions under ZeRO-3)."""
+    host_peak_growth_bytes: int | None
+    """The process's peak resident memory during the build above its resident memory at the
+    start of it (Linux: /proc/self/status's VmHWM, restarted through clear_refs); None
+    elsewhere."""
+
+
+def describe_build(build: ModelBuild, config: GPTConfig) -> str:
+    """The launch's line on rank 0's model: time, what it holds, its host memory peak."""
+    whole = 4 * count_params(config)
+    peak = ""
+    if build.host_peak_growth_bytes is not None:
+        peak = f"; host memory peak +{build.host_peak_growth_bytes / MIB:,.1f} MiB"
+    return (
+        f"model built in {build.seconds:.1f} s: rank 0 holds {build.held_bytes / MIB:,.1f} MiB "
+        f"of parameters (the whole model: {whole / MIB:,.1f} MiB in fp32){peak}"
+    )
+
+
+def reset_host_peak() -> int | None:
+    """Restart this process's peak resident memory (VmHWM) from now and return its resident
+    bytes now; None where the kernel does not allow that (not Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
+
+
+def host_peak() -> int | None:
+    """This process's peak resident bytes since the last reset_host_peak (Linux)."""
+    return _status_bytes("VmHWM")
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(field)), None)
+
+
+def held_parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters `module` holds on this rank (a ZeRO-3 parameter: its partition)."""
+    return sum(
+        getattr(p, "ds_tensor", p).numel() * getattr(p, "ds_tensor", p).element_size()
+        for p in module.parameters()
+    )
 
 
 def engine_state_bytes(engine: Any) -> dict[str, int]:

@@ -1,16 +1,17 @@
 """Pipeline parallelism through DeepSpeed's PipelineModule and pipeline engine (1F1B).
 
-The whole model is built on every rank from one seed (and cut for tensor parallelism), then laid
-out as `model.pipeline.pipeline_layers`; DeepSpeed keeps the layers of this rank's stage (the
+The whole model is built on the meta device (and cut for tensor parallelism), then laid out as
+`model.pipeline.pipeline_layers`; DeepSpeed keeps the layers of this rank's stage (the
 transformer blocks balanced over the stages, the embedding on the first, the head on the last),
-runs the gradient-accumulation micro-batches as its 1F1B schedule, and sums the gradients of the
-tied token embedding / output head over the first and last stage. Ranks are laid out as
+whose parameters alone are then made (training/build.py). It runs the gradient-accumulation
+micro-batches as its 1F1B schedule, and sums the gradients of the tied token embedding / output
+head over the first and last stage. Ranks are laid out as
 DeepSpeed's pipe x data x model topology, which is topology.Layout's order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ PARTITION = "type:PipeBlock"
 
 def _tied_spec(module: TokenEmbedding, forward_fn: Any = None) -> Any:
     """A TiedLayerSpec whose module already exists (DeepSpeed builds its specs; ours are views
-    of the whole model built from the run's seed)."""
+    of the whole model)."""
     from deepspeed.pipe import TiedLayerSpec
 
     class Built(TiedLayerSpec):
@@ -38,9 +39,19 @@ def _tied_spec(module: TokenEmbedding, forward_fn: Any = None) -> Any:
     return Built(TIED, type(module), forward_fn=forward_fn, tied_weight_attr=["wte.weight"])
 
 
-def pipeline_module(model: GPT, layout: Layout, tensor_rank: int) -> nn.Module:
-    """DeepSpeed's PipelineModule of `model` for `layout` (its stage's layers on this rank)."""
+def pipeline_module(
+    model: GPT, layout: Layout, tensor_rank: int, materialize: Callable[[nn.Module], None]
+) -> nn.Module:
+    """DeepSpeed's PipelineModule of `model` for `layout` (its stage's layers on this rank).
+    `model` is on the meta device: once DeepSpeed has chosen this stage's layers, `materialize`
+    makes their parameters (before it moves them to the device and broadcasts the tied matrix)."""
     from deepspeed.pipe import PipelineModule
+
+    class Stage(PipelineModule):
+        def _build(self) -> None:
+            super()._build()  # this stage's layers, registered as its submodules
+            materialize(self)
+
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     layers: list[Any] = pipeline_layers(model)
@@ -51,9 +62,7 @@ def pipeline_module(model: GPT, layout: Layout, tensor_rank: int) -> nn.Module:
         num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data
     )
     with torch.no_grad():  # it broadcasts the tied matrix from the first stage: not autograd's
-        pipe = PipelineModule(
-            layers, topology=topology, loss_fn=model.loss, partition_method=PARTITION
-        )
+        pipe = Stage(layers, topology=topology, loss_fn=model.loss, partition_method=PARTITION)
     _count_norms_once(pipe, tensor_rank)
     pipe.tensor_group = getattr(model, "tp", None)  # whose vocabulary shards the logits are
     return pipe

@@ -149,8 +149,8 @@ class RunPlan:
 
     @property
     def reads_init_weights(self) -> bool:
-        """Whether every rank reads a whole copy of starting weights (either init_from)."""
-        return self.init_from is not None or self.init_hf is not None
+        """Whether every rank reads starting weights (either init_from) in a new run."""
+        return self.resume is None and (self.init_from is not None or self.init_hf is not None)
 
     @cached_property
     def startup_host_memory(self) -> float:
@@ -455,11 +455,12 @@ def prepare_run(
 
 
 def _startup_warning(plan: RunPlan) -> list[str]:
-    """Whether this node's memory holds the whole models its ranks build at start."""
+    """Whether this node's memory holds what its ranks build (or read) at start."""
     import psutil
 
     available, n = psutil.virtual_memory().available, plan.env.local_world_size
-    warning = startup_memory_warning(plan.startup_host_memory, available, n)
+    need = plan.startup_host_memory
+    warning = startup_memory_warning(need, available, n, plan.reads_init_weights)
     return [warning] if warning else []
 
 
