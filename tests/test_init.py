@@ -8,28 +8,12 @@ import math
 
 import pytest
 import torch
+from test_tensor_parallel import CONFIGS  # a GPT-2 and a Llama shape, 2 layers
 
 from launcher.training.build import shard_values
 from model.gpt import GPT, GPTConfig
 from model.init import Materializer, initial_value, parameter_names
 from model.tensor_parallel import TPGroup, parallelize, shard_state
-
-CONFIGS = {
-    "gpt2": GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=128),
-    "llama": GPTConfig(
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=64,
-        block_size=32,
-        vocab_size=128,
-        positions="rope",
-        norm="rmsnorm",
-        mlp="swiglu",
-        tie_embeddings=False,
-        bias=False,
-    ),  # fmt: skip
-}
 
 
 def _seeded(config: GPTConfig, seed: int) -> dict[str, torch.Tensor]:
