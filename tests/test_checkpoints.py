@@ -150,7 +150,10 @@ def test_killed_save_falls_back_to_the_previous_complete_tag(
     while not (tag10 / "rng_state_rank1.pt").exists():  # shards written, tag not yet complete
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read()
         time.sleep(0.2)
-    _rank_process(launcher, 1).send_signal(signal.SIGKILL)
+    # Both ranks, as a lost node does (a lone survivor, blocked in the save, would only wait out
+    # the runner's 30 s between its SIGTERM and SIGKILL).
+    for rank in [_rank_process(launcher, 1), _rank_process(launcher, 0)]:
+        rank.send_signal(signal.SIGKILL)
     assert launcher.wait(timeout=120) != 0
     assert not (tag10 / store.META_FILE).exists()
     assert store.read_pointer(out / "checkpoints", store.LATEST) == "global_step5"

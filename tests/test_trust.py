@@ -276,9 +276,13 @@ def test_an_async_save_killed_mid_write_leaves_the_previous_tag(tiny_data, tmp_p
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.stdout.read()
         time.sleep(0.2)
     assert not (tag10 / store.META_FILE).exists()  # training went on while step 10 was written
-    rank1 = next(p for p in psutil.Process(launcher.pid).children(recursive=True)
-                 if "--local_rank=1" in " ".join(p.cmdline()))  # fmt: skip
-    rank1.send_signal(signal.SIGKILL)
+    # Both ranks, as a lost node does (a lone survivor would wait out the runner's 30 s between
+    # its SIGTERM and SIGKILL).
+    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+             if "--local_rank=" in " ".join(p.cmdline())]  # fmt: skip
+    assert len(ranks) == 2
+    for rank in ranks:
+        rank.send_signal(signal.SIGKILL)
     assert launcher.wait(timeout=120) != 0
     assert not (tag10 / store.META_FILE).exists()
     assert store.read_pointer(store.checkpoint_dir(out), store.LATEST) == "global_step5"
