@@ -20,7 +20,7 @@ import torch.nn as nn
 from launcher.checkpoints import hf, store
 from launcher.runtime.topology import ParallelGroups
 from launcher.training import sequence_parallel
-from launcher.training.engine import use_deepspeed_checkpointing, zero3_partition
+from launcher.training.engine import Zero3Partitioner, use_deepspeed_checkpointing
 from launcher.training.memory import ModelBuild, held_parameter_bytes, host_peak, reset_host_peak
 from launcher.training.pipeline import pipeline_module
 from launcher.training.plan import RunPlan
@@ -64,9 +64,10 @@ def build_model(plan: RunPlan, groups: ParallelGroups | None, device: torch.devi
         use_deepspeed_checkpointing(model, plan.engine.activation_checkpointing)
         return pipeline_module(model, layout, plan.coords["tensor"], materialize)
     if plan.engine.zero_stage == 3:
+        partition = Zero3Partitioner(plan.engine, groups)
         for unit in _units(model):  # one whole unit at a time
             materialize(unit)
-            zero3_partition(unit, plan.engine, groups)
+            partition(unit)
     materialize(model)  # (after ZeRO-3's units: nothing left)
     return model
 

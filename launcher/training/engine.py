@@ -59,24 +59,39 @@ def deepspeed_config(ds_config: dict) -> dict:
     return {key: value for key, value in ds_config.items() if key not in OWN_MONITORS}
 
 
-def zero3_partition(module: torch.nn.Module, settings: EngineSettings, mpu: Any = None) -> None:
-    """ZeRO-3: partition `module`'s parameters over the data-parallel ranks now, as
+class Zero3Partitioner:
+    """ZeRO-3: partitions modules' parameters over the data-parallel ranks as they are made, as
     deepspeed.initialize would (DeepSpeed's zero.Init on a built module: the training precision,
-    the JSON's parameter offload), so that the next module can be made in the memory freed.
-    With sequence parallelism over the sequence x data ranks: DeepSpeed would partition over
-    mpu's data-parallel ranks while ZeRO-3 reduces the gradients over those (every parameter's
-    gradient landing in the wrong places: 0.007 off after one step)."""
-    import deepspeed
+    the JSON's parameter offload), so that the next module is made in the memory freed. One
+    zero.Init serves every module (the first's; the others go through its converter), so its
+    settings and an NVMe swapper are made once. With sequence parallelism over the sequence x
+    data ranks: DeepSpeed would partition over mpu's data-parallel ranks while ZeRO-3 reduces
+    the gradients over those (every parameter's gradient landing in the wrong places: 0.007 off
+    after one step)."""
 
-    group = None
-    if mpu is not None and mpu.layout.sequence > 1:
-        group = mpu.get_sequence_data_parallel_group()
-    elif mpu is not None:
-        group = mpu.get_data_parallel_group()
-    config = deepspeed_config(settings.ds_config)
-    deepspeed.zero.Init(
-        module=module, data_parallel_group=group, config_dict_or_path=config, mpu=mpu
-    )
+    def __init__(self, settings: EngineSettings, mpu: Any = None) -> None:
+        self.settings, self.mpu = settings, mpu
+        self.convert: Any = None
+
+    def __call__(self, module: torch.nn.Module) -> None:
+        params = list(module.parameters())
+        if not params:
+            return
+        if self.convert is not None:
+            self.convert(params)  # skips the ones already partitioned (a tied matrix)
+            return
+        import deepspeed
+
+        group, mpu = None, self.mpu
+        if mpu is not None and mpu.layout.sequence > 1:
+            group = mpu.get_sequence_data_parallel_group()
+        elif mpu is not None:
+            group = mpu.get_data_parallel_group()
+        config = deepspeed_config(self.settings.ds_config)
+        deepspeed.zero.Init(
+            module=module, data_parallel_group=group, config_dict_or_path=config, mpu=mpu
+        )
+        self.convert = params[0].convert_to_zero_parameters
 
 
 def build_engine(
