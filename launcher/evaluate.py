@@ -225,8 +225,9 @@ def eval_ds_config(config: dict, micro_batch_size: int, world_size: int) -> dict
 
 
 def _engine(plan: EvalPlan) -> Any:
-    """The model with the checkpoint's weights (read whole by every rank, in fp32), wrapped by
-    DeepSpeed (which partitions them at ZeRO-3 and casts them to the JSON's precision)."""
+    """The model with the checkpoint's weights (made by every rank whole, in fp32, a tensor at a
+    time), wrapped by DeepSpeed (which partitions them at ZeRO-3 and casts them to the JSON's
+    precision)."""
     import contextlib
 
     import deepspeed
@@ -234,11 +235,11 @@ def _engine(plan: EvalPlan) -> Any:
     from launcher.checkpoints import hf, store
     from model.gpt import GPT
 
-    model = GPT(plan.model)
     if plan.run_dir is not None:
-        model.load_state_dict(store.load_weights(Path(plan.source)))
+        state = store.load_weights(Path(plan.source), lazy=True)
     else:
-        model.load_state_dict(hf.load_state(Path(plan.source), plan.model))
+        state = hf.load_state(Path(plan.source), plan.model)
+    model = GPT.from_state(plan.model, state)
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON result
         engine, _, _, _ = deepspeed.initialize(model=model, config=plan.ds_config)
     engine.eval()

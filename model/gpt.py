@@ -8,15 +8,16 @@ Kept free of DeepSpeed and of the launcher so it can be read, tested and reused 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.init import initial_value
+from model.init import Materializer, initial_value, parameter_names, stored_value
 
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -343,10 +344,24 @@ class GPT(nn.Module):
         """Every parameter drawn anew from `seed` (model/init.py: each from its own generator, so
         the values do not depend on the order of construction or on how the model is later
         split). GPT(config) draws from torch's seed: torch.manual_seed(s) then GPT(config) gives
-        the weights a launch with train.seed=s starts from."""
+        the weights a launch with train.seed=s starts from on the CPU."""
         with torch.no_grad():
             for name, p in self.named_parameters():
                 p.copy_(initial_value(name, p.shape, self.config.n_layer, seed, p.device))
+
+    @classmethod
+    def from_state(
+        cls, config: GPTConfig, state: Mapping[str, Any], device: torch.device | None = None
+    ) -> GPT:
+        """The model holding `state`'s weights (the whole model's state dict; values may be
+        tensors or lazy ones with `.contiguous()`), in fp32 on `device` (default the CPU): built
+        on the meta device and made one tensor at a time, with no random draw and no second
+        copy of the model. A tied matrix is read once, under its first name."""
+        with torch.device("meta"):
+            model = cls(config)
+        value = lambda name, param: stored_value(state, name, param.shape, device)  # noqa: E731
+        Materializer(parameter_names(model), value)(model)
+        return model
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; tied weights counted once. non_embedding drops the lookup tables

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -45,6 +46,21 @@ def initial_value(
         std /= math.sqrt(2 * n_layer)
     generator = torch.Generator(device=device).manual_seed(parameter_seed(seed, name))
     return torch.empty(shape, device=device).normal_(0.0, std, generator=generator)
+
+
+def stored_value(
+    state: Mapping[str, Any], name: str, shape: torch.Size, device: torch.device | None
+) -> torch.Tensor:
+    """`state[name]` (a tensor, or a lazy one with `.contiguous()`, as a checkpoint reader
+    gives) in fp32 on `device`, checked against the model's shape for it."""
+    if name not in state:
+        raise ValueError(f"the weights have no {name} (the model's is {tuple(shape)})")
+    tensor = state[name].contiguous().to(device=device, dtype=torch.float32)
+    if tensor.shape != shape:
+        raise ValueError(
+            f"the weights' {name} is {tuple(tensor.shape)}, the model's {tuple(shape)}"
+        )
+    return tensor
 
 
 Value = Callable[[str, nn.Parameter], torch.Tensor]

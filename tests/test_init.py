@@ -88,3 +88,17 @@ def test_a_tensor_parallel_rank_makes_exactly_its_shard_of_the_whole_model(
     assert params["transformer.h.0.attn.c_attn.weight"].tensor_model_parallel  # marks kept
     assert params["transformer.h.0.mlp.c_proj.weight"].partition_dim == 1
     assert (model.lm_head.weight is model.transformer.wte.weight) == config.tie_embeddings
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_a_model_from_a_state_dict_holds_it_tied_and_refuses_what_does_not_fit(family) -> None:
+    config = CONFIGS[family]
+    state = _seeded(config, 5)
+    model = GPT.from_state(config, state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert (model.lm_head.weight is model.transformer.wte.weight) == config.tie_embeddings
+    with pytest.raises(ValueError, match=r"the weights have no transformer\.ln_f\.weight"):
+        GPT.from_state(config, {k: v for k, v in state.items() if k != "transformer.ln_f.weight"})
+    wrong = {**state, "transformer.h.1.mlp.c_proj.weight": torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=r"c_proj.weight is \(3, 3\), the model's \(64, "):
+        GPT.from_state(config, wrong)

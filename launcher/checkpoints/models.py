@@ -18,17 +18,15 @@ from model.gpt import GPT, GPTConfig
 def load_run_model(run_dir: Path, tag: str | None, device: torch.device) -> tuple[GPT, Path]:
     """Build the run's model and load consolidated weights from a complete checkpoint tag."""
     tag_dir = store.resolve_tag(run_dir, tag)
-    model = GPT(store.read_run_spec(run_dir).model)
-    model.load_state_dict(store.load_weights(tag_dir))
-    return model.to(device), tag_dir
+    config = store.read_run_spec(run_dir).model
+    return GPT.from_state(config, store.load_weights(tag_dir, lazy=True), device), tag_dir
 
 
 def load_exported_model(export_dir: Path, device: torch.device) -> GPT:
     """A Hugging Face model directory (GPT-2 or Llama layout), e.g. one `zerolaunch export`
     wrote."""
-    model = GPT(GPTConfig(**read_config(export_dir)))
-    model.load_state_dict(hf.load_state(export_dir, model.config))
-    return model.to(device)
+    config = GPTConfig(**read_config(export_dir))
+    return GPT.from_state(config, hf.load_state(export_dir, config), device)
 
 
 def is_export(path: Path) -> bool:

@@ -25,7 +25,7 @@ from launcher.training.memory import ModelBuild, held_parameter_bytes, host_peak
 from launcher.training.pipeline import pipeline_module
 from launcher.training.plan import RunPlan
 from model.gpt import GPT, GPTConfig
-from model.init import Materializer, initial_value, parameter_names
+from model.init import Materializer, initial_value, parameter_names, stored_value
 from model.tensor_parallel import TPGroup, parallelize, shard_tensor, split_layout
 
 Source = Callable[[str, torch.Size], torch.Tensor]
@@ -91,18 +91,7 @@ def _source(plan: RunPlan, device: torch.device) -> Source:
     else:
         weights = hf.load_state(plan.init_hf, config)
 
-    def read(name: str, shape: torch.Size) -> torch.Tensor:
-        if name not in weights:
-            raise ValueError(f"the init weights have no {name} (expected shape {tuple(shape)})")
-        full = weights[name].contiguous().to(device=device, dtype=torch.float32)
-        if full.shape != shape:
-            raise ValueError(
-                f"the init weights' {name} has shape {tuple(full.shape)}, the model's "
-                f"{tuple(shape)}"
-            )
-        return full
-
-    return read
+    return lambda name, shape: stored_value(weights, name, shape, device)
 
 
 def shard_values(
