@@ -114,8 +114,11 @@ def report(plan: RunPlan, device_memory: float | None) -> str:
 
 def startup_line(plan: RunPlan) -> str:
     """What a node's host memory holds while its ranks build the model (memory.py)."""
-    if plan.reads_init_weights:
-        what = "the whole init weights in fp32, read before each cuts its part"
+    if plan.reads_whole_init_weights:
+        what = (
+            "the whole init weights in fp32: a tensor- or pipeline-parallel tag is put together "
+            "before each rank cuts its part"
+        )
     else:
         what = "one whole module in fp32 at most: each makes only its own parameters, on its device"
     return (

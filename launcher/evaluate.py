@@ -238,7 +238,7 @@ def _engine(plan: EvalPlan) -> Any:
     if plan.run_dir is not None:
         state = store.load_weights(Path(plan.source), lazy=True)
     else:
-        state = hf.load_state(Path(plan.source), plan.model)
+        state = hf.load_state(Path(plan.source), plan.model, lazy=True)
     model = GPT.from_state(plan.model, state)
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON result
         engine, _, _, _ = deepspeed.initialize(model=model, config=plan.ds_config)

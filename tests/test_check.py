@@ -63,10 +63,10 @@ def test_a_13b_model_is_checked_in_seconds_on_the_meta_device(
         "in fp32 at most: each makes only its own parameters, on its device)"
     ) in out
     assert "warning: starting takes" not in out
-    whole = 8 * 4 * 12_853_626_880  # reading init weights: the whole fp32 state, an upper bound
+    whole = 8 * 4 * 12_853_626_880  # a tensor- or pipeline-parallel init_from tag: put together
     assert startup_memory_warning(whole, whole, 8, True) is None  # it fits: nothing to say
     short = startup_memory_warning(whole, 100 * GIB, 8, True)
-    assert "up to 383 GiB of host memory on this node (8 rank(s), each reading the whole" in short
+    assert "up to 383 GiB of host memory on this node (8 rank(s), each putting the init" in short
     small = startup_memory_warning(need, 4 * GIB, 8, False)
     assert "up to 8 GiB of host memory on this node (8 rank(s), each making its parameters" in small
     assert "100 GiB is available" in short and "Start fewer ranks per node" in short

@@ -277,3 +277,12 @@ def test_layouts_that_cannot_run_are_refused_together(runs: dict) -> None:
     fits = run([ZEROLAUNCH, "check", "--world-size", "8",
                 *overrides(runs["data"], "parallel.tensor=2")])  # fmt: skip
     assert "2 tensor x 4 data parallel" in fits.stdout
+    assert "rank(s) x one whole module in fp32 at most" in fits.stdout
+    # A tensor-parallel tag as init weights is put together whole on every rank first.
+    tag = runs["tp"] / "checkpoints" / "global_step10"
+    init = f"checkpoint.init_from={tag}"
+    whole = run([ZEROLAUNCH, "check", "--world-size", "8",
+                 *overrides(*ITEMS, runs["data"], "parallel.tensor=2", init)])  # fmt: skip
+    assert "rank(s) x the whole init weights in fp32: a tensor- or pipeline-parallel tag" in (
+        whole.stdout
+    )

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -201,21 +201,26 @@ def weight_files(directory: Path) -> dict[str, Path]:
     raise UserError(f"{directory} has neither {WEIGHTS} nor {INDEX}{hint}")
 
 
-def load_state(directory: Path, model: GPTConfig) -> dict[str, torch.Tensor]:
-    """Our fp32 state dict from a Hugging Face directory's safetensors (sharded or not)."""
+def load_state(directory: Path, model: GPTConfig, lazy: bool = False) -> dict[str, Any]:
+    """Our fp32 state dict from a Hugging Face directory's safetensors (sharded or not); with
+    lazy, each value is read when asked (`.contiguous()`), a tensor at a time."""
     from safetensors import SafetensorError, safe_open
 
     files = weight_files(directory)
-    handles: dict[Path, object] = {}
+    handles: dict[Path, Any] = {}
     try:
         for path in sorted(set(files.values())):
             handles[path] = safe_open(path, framework="pt")
     except (SafetensorError, OSError) as e:
         raise UserError(f"{directory}: a weights file cannot be read ({e})") from e
-    tensors: dict[str, Callable] = {
-        name: (lambda n=name, p=path: handles[p].get_tensor(n)) for name, path in files.items()
+
+    def read(name: str, path: Path) -> torch.Tensor:
+        try:
+            return handles[path].get_tensor(name)
+        except SafetensorError as e:
+            raise UserError(f"{directory}: tensor {name} cannot be read ({e})") from e
+
+    tensors: dict[str, Lazy] = {
+        name: (lambda n=name, p=path: read(n, p)) for name, path in files.items()
     }
-    try:
-        return import_state(model, tensors)
-    except SafetensorError as e:
-        raise UserError(f"{directory}: a tensor cannot be read ({e})") from e
+    return import_state(model, tensors, lazy)

@@ -325,21 +325,46 @@ def _llama_export(model: GPTConfig, weights: dict) -> dict[str, tuple[tuple, Laz
     return out
 
 
-def import_state(model: GPTConfig, tensors: dict[str, Lazy]) -> dict[str, torch.Tensor]:
+class Deferred:
+    """A tensor read when asked (`.contiguous()`), as DeepSpeed's lazy zero_to_fp32 values are:
+    a model made from it reads one tensor at a time."""
+
+    def __init__(self, read: Lazy) -> None:
+        self.read = read
+
+    def contiguous(self) -> torch.Tensor:
+        return self.read()
+
+
+def import_state(
+    model: GPTConfig, tensors: dict[str, Lazy], lazy: bool = False
+) -> dict[str, torch.Tensor | Deferred]:
     """Our state dict (fp32) from a checkpoint's tensors (name -> loader); a tensor we need and
-    do not find is an error naming it, and so is one we would not use."""
-    if layout_of(model) == GPT2:
-        return _gpt2_import(model, tensors)
+    do not find is an error naming it, and so is one we would not use. With lazy, every value
+    is Deferred (read when asked), else read now."""
+    reads = (
+        _gpt2_import(model, tensors) if layout_of(model) == GPT2 else _llama_import(model, tensors)
+    )
+    if lazy:
+        return {name: Deferred(read) for name, read in reads.items()}
+    done: dict[int, torch.Tensor] = {}  # a tied matrix is read once
+    return {name: done.setdefault(id(read), read()) for name, read in reads.items()}
+
+
+def _llama_import(model: GPTConfig, tensors: dict[str, Lazy]) -> dict[str, Lazy]:
     plain, fused = _llama_map(model)
-    state, used = {}, set()
+    state: dict[str, Lazy] = {}
+    used = set()
     for ours, theirs in plain.items():
         if not ours.endswith(".bias") or model.bias:
-            state[ours] = _fp32(_need(tensors, theirs)())
+            load = _need(tensors, theirs)
+            state[ours] = lambda load=load: _fp32(load())
             used.add(theirs)
     for ours, parts in fused.items():
         if ours.endswith(".bias") and not model.bias:
             continue
-        state[ours] = torch.cat([_fp32(_need(tensors, name)()) for name, _ in parts])
+        loads = [_need(tensors, name) for name, _ in parts]
+        state[ours] = lambda loads=loads: torch.cat([_fp32(load()) for load in loads])
         used.update(name for name, _ in parts)
     if model.tie_embeddings:  # saved by some tools beside the embedding it is tied to
         used.add("lm_head.weight")
@@ -349,20 +374,22 @@ def import_state(model: GPTConfig, tensors: dict[str, Lazy]) -> dict[str, torch.
     return state
 
 
-def _gpt2_import(model: GPTConfig, tensors: dict[str, Lazy]) -> dict[str, torch.Tensor]:
+def _gpt2_import(model: GPTConfig, tensors: dict[str, Lazy]) -> dict[str, Lazy]:
     # GPT2Model checkpoints (the hub's gpt2) name tensors without the "transformer." prefix.
     named = {
         (k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): v
         for k, v in tensors.items()
     }
-    state = {}
+    state: dict[str, Lazy] = {}
     for name, load in named.items():
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # old causal-mask buffers, not weights
         if name == "lm_head.weight" and model.tie_embeddings:
             continue
-        value = _fp32(load())
-        state[name] = value.t().contiguous() if CONV1D.search(name) else value
+        conv1d = bool(CONV1D.search(name))
+        state[name] = lambda load=load, t=conv1d: (
+            _fp32(load()).t().contiguous() if t else _fp32(load())
+        )
     _need(named, "transformer.wte.weight")
     if model.tie_embeddings:
         state["lm_head.weight"] = state["transformer.wte.weight"]

@@ -26,7 +26,7 @@ def load_exported_model(export_dir: Path, device: torch.device) -> GPT:
     """A Hugging Face model directory (GPT-2 or Llama layout), e.g. one `zerolaunch export`
     wrote."""
     config = GPTConfig(**read_config(export_dir))
-    return GPT.from_state(config, hf.load_state(export_dir, config), device)
+    return GPT.from_state(config, hf.load_state(export_dir, config, lazy=True), device)
 
 
 def is_export(path: Path) -> bool:

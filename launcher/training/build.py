@@ -89,7 +89,7 @@ def _source(plan: RunPlan, device: torch.device) -> Source:
     if plan.init_from is not None:
         weights = store.load_weights(plan.init_from, lazy=True)
     else:
-        weights = hf.load_state(plan.init_hf, config)
+        weights = hf.load_state(plan.init_hf, config, lazy=True)
 
     return lambda name, shape: stored_value(weights, name, shape, device)
 

@@ -240,25 +240,27 @@ def deepspeed_estimate(
     return "estimate_zero3_model_states_mem_needs", float(device), float(host)
 
 
-def startup_host_bytes(config: GPTConfig, local_ranks: int, reads_weights: bool) -> float:
+def startup_host_bytes(config: GPTConfig, local_ranks: int, whole_weights: bool) -> float:
     """Host memory a node needs while its ranks build the model (training/build.py), beyond what
     they train with: each rank makes its own parameters one at a time on its device, so at most
-    one whole module in fp32 each (on a CPU device that is the training memory itself), or, while
-    it reads checkpoint.init_from or model.init_from weights, the whole fp32 state (an upper
-    bound: a ZeRO checkpoint is read a tensor at a time)."""
-    per_rank = count_params(config) if reads_weights else largest_layer_params(config)
+    one whole module in fp32 each (on a CPU device that is the training memory itself; init
+    weights from a ZeRO checkpoint or Hugging Face safetensors are read a tensor at a time), or,
+    with whole_weights (checkpoint.init_from of a tensor- or pipeline-parallel tag, put together
+    before each rank cuts its part), the whole fp32 state each."""
+    per_rank = count_params(config) if whole_weights else largest_layer_params(config)
     return local_ranks * 4.0 * per_rank
 
 
 def startup_memory_warning(
-    need: float, available: float, local_ranks: int, reads_weights: bool
+    need: float, available: float, local_ranks: int, whole_weights: bool
 ) -> str | None:
     """A warning when the node's available memory cannot hold what its ranks build at start."""
     if need <= available:
         return None
     each = (
-        "each reading the whole init weights in fp32 before it cuts its part"
-        if reads_weights
+        "each putting the init weights' tensor- or pipeline-parallel tag together whole in "
+        "fp32 before it cuts its part"
+        if whole_weights
         else "each making its parameters one whole module at a time"
     )
     return (

@@ -153,10 +153,20 @@ class RunPlan:
         return self.resume is None and (self.init_from is not None or self.init_hf is not None)
 
     @cached_property
+    def reads_whole_init_weights(self) -> bool:
+        """Whether each rank puts the init weights together whole before it cuts its part: a
+        tensor- or pipeline-parallel tag (a ZeRO checkpoint and Hugging Face safetensors are
+        read a tensor at a time)."""
+        if not self.reads_init_weights or self.init_from is None:
+            return False
+        meta = store.read_meta(self.init_from)
+        return meta.tensor_parallel > 1 or meta.pipeline_parallel > 1
+
+    @cached_property
     def startup_host_memory(self) -> float:
         """Host memory this node's ranks take while they build the model (memory.py)."""
         n = self.env.local_world_size
-        return startup_host_bytes(self.spec.model, n, self.reads_init_weights)
+        return startup_host_bytes(self.spec.model, n, self.reads_whole_init_weights)
 
     def summary(self) -> str:
         m, e = self.spec.model, self.engine
@@ -460,7 +470,7 @@ def _startup_warning(plan: RunPlan) -> list[str]:
 
     available, n = psutil.virtual_memory().available, plan.env.local_world_size
     need = plan.startup_host_memory
-    warning = startup_memory_warning(need, available, n, plan.reads_init_weights)
+    warning = startup_memory_warning(need, available, n, plan.reads_whole_init_weights)
     return [warning] if warning else []
 
 
