@@ -7,8 +7,8 @@ therefore depends on the seed, the name and the device type only: not on the ord
 built in, not on tensor parallelism (a shard is cut from its whole tensor) and not on the
 pipeline stage that holds it. Megatron-LM draws per partition on the GPU (its weights change with
 the tensor-parallel size) unless asked to draw whole tensors on the CPU; torchtitan builds on
-the meta device and initialises the shards; this is the latter with the former's CPU guarantee,
-and without the CPU: the draw happens on the rank's own device.
+the meta device and initialises the shards. This builds on the meta device too and keeps
+Megatron's layout-independent values, drawn on the rank's own device rather than the CPU.
 
 A launcher builds the model under `torch.device("meta")` (no memory), cuts it, and calls
 `materialize`, which gives each parameter still on meta its storage and value, one at a time.

@@ -347,8 +347,11 @@ def import_state(
     )
     if lazy:
         return {name: Deferred(read) for name, read in reads.items()}
-    done: dict[int, torch.Tensor] = {}  # a tied matrix is read once
-    return {name: done.setdefault(id(read), read()) for name, read in reads.items()}
+    done: dict[int, torch.Tensor] = {}  # a tied matrix is read once, and stays one tensor
+    for read in reads.values():
+        if id(read) not in done:
+            done[id(read)] = read()
+    return {name: done[id(read)] for name, read in reads.items()}
 
 
 def _llama_import(model: GPTConfig, tensors: dict[str, Lazy]) -> dict[str, Lazy]:
