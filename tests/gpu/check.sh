@@ -24,11 +24,14 @@ if ! "$PY" -c "import deepspeed" 2>/dev/null; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 started=$(date +%s)
-"$PY" - > "$OUT/versions.json" <<'PY'
-import json, platform, torch, deepspeed
+# Written by Python itself: DeepSpeed logs its accelerator to stdout on import.
+"$PY" - "$OUT/versions.json" <<'PY'
+import json, platform, sys, torch, deepspeed
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-print(json.dumps({"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                  "cuda": torch.version.cuda, "gpu": gpu, "python": platform.python_version()}))
+versions = {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "cuda": torch.version.cuda, "gpu": gpu, "python": platform.python_version()}
+with open(sys.argv[1], "w") as f:
+    json.dump(versions, f)
 PY
 cat "$OUT/versions.json"
 timeout 270 "$PY" -m pytest -m gpu tests/gpu -q -p no:cacheprovider -o addopts="" -rA \
