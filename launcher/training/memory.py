@@ -330,10 +330,8 @@ def _status_bytes(field: str) -> int | None:
 
 def held_parameter_bytes(module: torch.nn.Module) -> int:
     """Bytes of the parameters `module` holds on this rank (a ZeRO-3 parameter: its partition)."""
-    return sum(
-        getattr(p, "ds_tensor", p).numel() * getattr(p, "ds_tensor", p).element_size()
-        for p in module.parameters()
-    )
+    held = (getattr(p, "ds_tensor", p) for p in module.parameters())
+    return sum(t.numel() * t.element_size() for t in held)
 
 
 def engine_state_bytes(engine: Any) -> dict[str, int]:
@@ -341,10 +339,7 @@ def engine_state_bytes(engine: Any) -> dict[str, int]:
     its own (partitioned) tensors."""
     stage = engine.zero_optimization_stage()
     module_params = list(engine.module.parameters())
-    if stage >= 3:
-        params = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in module_params)
-    else:
-        params = sum(p.numel() * p.element_size() for p in module_params)
+    params = held_parameter_bytes(engine.module)
     optimizer = engine.optimizer
     base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
     moments = sum(
