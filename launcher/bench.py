@@ -339,6 +339,7 @@ def run_benchmark(
         from launcher.checkpoints.save_bench import measure_saves
 
         result["saves"] = measure_saves(engine, steps[0], args.saves, args.save_steps, asdict(m))
+    engine.destroy()  # DeepSpeed's hooks would keep it (and the device memory) past this call
     return result
 
 

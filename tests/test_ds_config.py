@@ -130,6 +130,19 @@ def test_bf16_auto_follows_the_device() -> None:
     assert resolve({"bf16": {"enabled": True}}).precision == "bf16"  # as written
 
 
+def test_defaults_that_stall_the_gpu_every_step_are_off_unless_the_json_sets_them() -> None:
+    """bf16's per-tensor overflow check and DeepSpeed's synchronised throughput timer."""
+    quiet = resolve({"bf16": {"enabled": True}}).ds_config
+    assert quiet["bf16"]["check_grad_overflow"] is False
+    assert quiet["timers"]["throughput"] == {"synchronized": False}
+    assert "check_grad_overflow" not in resolve({}).ds_config.get("bf16", {})  # fp32: no such step
+    given = {"bf16": {"enabled": True, "check_grad_overflow": True},
+             "timers": {"throughput": {"enabled": True, "synchronized": True}}}  # fmt: skip
+    kept = resolve(given).ds_config
+    assert kept["bf16"]["check_grad_overflow"] is True
+    assert kept["timers"]["throughput"] == {"enabled": True, "synchronized": True}
+
+
 def test_malformed_json_gives_line_and_column(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text('{\n  "zero_optimization": {"stage": 2,}\n}\n')

@@ -82,6 +82,56 @@ def test_a_save_refuses_a_non_finite_parameter() -> None:
         watch.check_now(model, 5)
 
 
+# One bf16 ZeRO-1 engine on the CPU whose first block's attention weight gets a NaN gradient at
+# step 2: prints DeepSpeed's gradient norm per step and the step the divergence watch names.
+NAN_GRADIENT = """
+import json, math, sys, torch
+from launcher.bench import SyntheticBatches
+from launcher.config.load import load_spec
+from launcher.runtime.distributed import init_process_group
+from launcher.training.divergence import DivergenceWatch, decode
+from launcher.training.engine import build_engine
+from launcher.training.plan import engine_settings
+from launcher.training.step import train_step
+from model.gpt import GPT
+spec = load_spec(None, sys.argv[2:])
+settings, _ = engine_settings(spec, None, sys.argv[1], 1, "cpu")
+init_process_group()
+model = GPT(spec.model)
+step = 0
+model.transformer.h[0].attn.c_attn.weight.register_hook(
+    lambda g: g * math.nan if step == 2 else g)
+engine = build_engine(model, spec.train, settings)
+watch = DivergenceWatch(torch.device("cpu"), watch_grad_norm=True)
+m = spec.model
+batches = SyntheticBatches.make(m.vocab_size, 2, m.block_size, 1, torch.device("cpu"), 0)
+norms = []
+for step in range(1, 4):
+    loss = train_step(engine, batches, step, 1)
+    norms.append(float(engine.get_global_grad_norm()))
+    watch.observe(step, loss.mean, engine.get_global_grad_norm())
+print(json.dumps({"norms": norms, "named": decode(watch.encoded.item()),
+                  "check": settings.ds_config["bf16"]["check_grad_overflow"]}))
+"""
+
+
+def test_a_nan_gradient_under_bf16_is_named_without_deepspeeds_overflow_check(tmp_path) -> None:
+    """bf16 runs without DeepSpeed's per-tensor overflow check (config/ds_config.py): its global
+    gradient norm still comes back infinite, and the watch stops the run at that step (the NaN
+    reaches the weights, as it does in fp32: no tag of them is written, training/divergence.py)."""
+    ds = tmp_path / "bf16.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}))
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "PYTHONPATH": str(REPO)}  # fmt: skip
+    args = [*TINY, "model.vocab_size=96", "train.grad_clip=1.0"]
+    out = run([PYTHON, "-c", NAN_GRADIENT, str(ds), *args], **env)
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["check"] is False
+    first, bad, after = figures["norms"]
+    assert math.isfinite(first) and math.isinf(bad), figures
+    assert figures["named"] == 2
+
+
 STABLE = [*TINY, "train.log_interval=1", "eval.interval=2", "checkpoint.interval=2",
           "checkpoint.keep_last=1", "sample.max_new_tokens=0"]  # fmt: skip
 

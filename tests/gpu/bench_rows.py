@@ -3,8 +3,8 @@
 Each row is `zerolaunch bench` (the same run_benchmark) with the row's model and config; the rows
 share one process and one process group to save start-up time, and free the device between
 them. Writes OUT/bench.json (every row's full JSON, with its command) and OUT/profile.txt (where
-the time of the 124M step goes, from the torch profiler). ZEROLAUNCH_GPU_DRY=1 runs tiny rows on
-the CPU to check the plumbing.
+the time of the 124M ZeRO-1 step and of the 1.3B ZeRO-3 step goes, from the torch profiler).
+ZEROLAUNCH_GPU_DRY=1 runs tiny rows on the CPU to check the plumbing.
 """
 
 from __future__ import annotations
@@ -53,12 +53,19 @@ if DRY:
 # to lose if time runs out.
 ROWS = [
     ("gpt2-124m_zero1_bf16", "124m", "zero1.json", [], True, 5, 20, 0),
+    # The lever measured: DeepSpeed's own defaults (bf16's per-tensor overflow check, the
+    # synchronised throughput timer), which the launcher turns off (config/ds_config.py).
+    ("gpt2-124m_zero1_bf16_deepspeed_defaults", "124m", "zero1.json+ds_defaults", [], True, 5,
+     20, 0),
+    ("gpt2-124m_zero0_bf16", "124m", "zero0.json", [], False, 5, 20, 0),
     ("gpt2-124m_zero1_bf16_compile", "124m", "zero1.json", ["train.compile=true"], True, 8, 20,
      0),
     ("gpt2-350m_zero1_bf16", "350m", "zero1.json", [], True, 5, 15, 0),
     ("llama-124m_zero1_bf16", "llama-124m", "zero1.json", [], False, 5, 15, 0),
     ("1.3b_zero3_ac_bf16", "1.3b", "zero3.json", ["model.activation_checkpointing=full"],
      False, 4, 12, 0),
+    ("1.3b_zero3_ac_bf16_mb16", "1.3b", "zero3.json",
+     ["model.activation_checkpointing=full", "train.micro_batch_size=16"], False, 3, 8, 0),
     ("gpt2-124m_zero1_bf16_saves", "124m", "zero1.json", [], False, 3, 5, 30),
 ]  # fmt: skip
 # Generation without and with the KV cache (zerolaunch bench --sampling SHAPE --dtype bf16): 300
@@ -69,13 +76,34 @@ SAMPLING_ROWS = [
 ]
 
 
+# "BASE+VARIANT": BASE from ds_configs/ with these keys set (written to a temporary file).
+DS_VARIANTS = {
+    "ds_defaults": {"bf16": {"check_grad_overflow": True},
+                    "timers": {"throughput": {"synchronized": True}}},
+}  # fmt: skip
+
+
+def ds_file(ds: str) -> Path:
+    base, _, variant = ds.partition("+")
+    config = json.loads((REPO / "ds_configs" / base).read_text())
+    if not variant:
+        return REPO / "ds_configs" / base
+    for section, values in DS_VARIANTS[variant].items():
+        config.setdefault(section, {}).update(values)
+    path = Path(tempfile.gettempdir()) / f"{base[:-5]}_{variant}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
 def command(
     model: str, ds: str, extra: list[str], reference: bool, warmup: int, steps: int, saves: int
 ):
     sets = " ".join(f"--set {item}" for item in [*GPT2[model], *COMMON, *extra])
     flags = f"--steps {steps} --warmup {warmup}" + (" --reference" if reference else "")
     flags += f" --saves /tmp --save-steps {saves}" if saves else ""
-    return f"zerolaunch bench --ds_config ds_configs/{ds} {sets} {flags}"
+    base, _, variant = ds.partition("+")
+    changed = f" (with {json.dumps(DS_VARIANTS[variant])})" if variant else ""
+    return f"zerolaunch bench --ds_config ds_configs/{base}{changed} {sets} {flags}"
 
 
 def run_row(
@@ -84,7 +112,7 @@ def run_row(
     items = [*GPT2[_dry(model) if DRY else model], *COMMON, *extra]
     spec = load_spec(None, items)
     env = detect_env()
-    ds_path = REPO / "ds_configs" / ds
+    ds_path = ds_file(ds)
     engine, _ = engine_settings(spec, None, ds_path, env.world_size, "cpu" if DRY else "cuda")
     args = argparse.Namespace(
         steps=steps,
@@ -104,16 +132,17 @@ def _dry(model: str) -> str:
     return "tiny-llama" if model.startswith("llama") else "tiny"
 
 
-def profile_step(out: Path) -> None:
-    """Where the time of one 124M ZeRO-1 bf16 step goes: the top kernels and operators."""
+def profile_step(out: Path, model_name: str = "124m", ds: str = "zero1.json",
+                 extra: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Where the time of one step goes (the top kernels and operators), added to `out`."""
     from torch.profiler import ProfilerActivity, profile
 
     from launcher.training.engine import build_engine
     from launcher.training.step import train_step
     from model.gpt import GPT
 
-    spec = load_spec(None, [*GPT2["tiny" if DRY else "124m"], *COMMON])
-    settings, _ = engine_settings(spec, None, REPO / "ds_configs" / "zero1.json", 1,
+    spec = load_spec(None, [*GPT2["tiny" if DRY else model_name], *COMMON, *extra])
+    settings, _ = engine_settings(spec, None, REPO / "ds_configs" / ds, 1,
                                   "cpu" if DRY else "cuda")  # fmt: skip
     device = torch.device("cpu") if DRY else torch.device("cuda", torch.cuda.current_device())
     with device:
@@ -140,12 +169,15 @@ def profile_step(out: Path) -> None:
     # Kernel time per step against the step: what is left is the GPU waiting for the host
     # (launches, DeepSpeed's per-tensor ZeRO bookkeeping: ~7 ms of CPU per step at GPT-2 124M's
     # 148 tensors, measured on a CPU); the second table shows where the host's time goes.
-    head = (f"step {step_ms:.1f} ms (5 steps, no sync between); GPU kernels "
+    head = (f"=== {model_name} {ds} {' '.join(extra)}\n"
+            f"step {step_ms:.1f} ms (5 steps, no sync between); GPU kernels "
             f"{kernels_ms / 3e3:.1f} ms per step (profiled steps)\n")  # fmt: skip
     tables = [events.table(sort_by="self_cpu_time_total", row_limit=25)]
     if not DRY:
         tables.insert(0, events.table(sort_by="self_device_time_total", row_limit=25))
-    out.write_text(head + "\n".join(tables))
+    with out.open("a") as f:
+        f.write(head + "\n".join(tables) + "\n")
+    engine.destroy()
     del engine
     free()
 
@@ -162,6 +194,16 @@ def sampling_row(shape: str) -> dict:
     result["wall_s"] = time.perf_counter() - started
     result["command"] = f"zerolaunch bench --sampling {shape} --dtype bf16"
     return result
+
+
+def profiled(out: Path, model_name: str, ds: str, extra: tuple[str, ...]) -> None:
+    """profile_step into OUT/profile.txt; a failure is written there, not raised."""
+    try:
+        profile_step(out / "profile.txt", model_name, ds, extra)
+    except Exception as e:  # noqa: BLE001
+        with (out / "profile.txt").open("a") as f:
+            f.write(f"profile of {model_name} failed: {type(e).__name__}: {e}\n")
+    free()
 
 
 def attempt(name: str, row: Callable[[], dict], results: list[dict], out: Path) -> None:
@@ -202,15 +244,16 @@ def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else REPO / "runs" / "gpu-check")
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for row in ROWS:
-        if row[0].startswith("1.3b"):  # before the ZeRO-3 row (see ROWS)
-            try:
-                profile_step(out / "profile.txt")
-            except Exception as e:  # noqa: BLE001
-                (out / "profile.txt").write_text(f"profile failed: {type(e).__name__}: {e}\n")
+    (out / "profile.txt").unlink(missing_ok=True)
+    zero3 = [i for i, row in enumerate(ROWS) if row[2].startswith("zero3")]
+    for i, row in enumerate(ROWS):
+        if i == zero3[0]:  # before the ZeRO-3 rows (see ROWS)
+            profiled(out, "124m", "zero1.json", ())
             for name, shape in SAMPLING_ROWS:
                 attempt(name, lambda shape=shape: sampling_row(shape), results, out)
         attempt(row[0], lambda row=row: run_row(*row), results, out)
+        if i == zero3[-1]:
+            profiled(out, "1.3b", "zero3.json", ("model.activation_checkpointing=full",))
     for r in results:
         print(summary(r))
     return 0
