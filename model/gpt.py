@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from model.init import Materializer, initial_value, parameter_names, stored_value
@@ -23,6 +24,12 @@ POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 CHECKPOINTING = ("none", "full", "every_n")
+
+
+GENERATION_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""SDPA's kernels while generating: not cuDNN's, which builds a plan for every new shape (tens
+of ms on an H200) and generation brings a new length every token: 72 ms a token for GPT-2 124M
+with the KV cache, against 4 ms without cuDNN (measured on an H200, torch 2.11)."""
 
 
 @dataclass
@@ -439,14 +446,15 @@ class GPT(nn.Module):
         """
         block = self.config.block_size
         cache = None
-        for _ in range(max_new_tokens):
-            if use_cache and idx.size(1) <= block:
-                cache = cache or KVCache(self.config.n_layer, block)
-                logits, _ = self(idx[:, cache.length :], cache=cache)
-            else:
-                logits, _ = self(idx[:, -block:])
-            next_id = self._pick(logits[:, -1, :vocab_limit].float(), temperature, top_k, generator)
-            idx = torch.cat((idx, next_id), dim=1)
+        with sdpa_kernel(GENERATION_ATTENTION):
+            for _ in range(max_new_tokens):
+                if use_cache and idx.size(1) <= block:
+                    cache = cache or KVCache(self.config.n_layer, block)
+                    logits, _ = self(idx[:, cache.length :], cache=cache)
+                else:
+                    logits, _ = self(idx[:, -block:])
+                last = logits[:, -1, :vocab_limit].float()
+                idx = torch.cat((idx, self._pick(last, temperature, top_k, generator)), dim=1)
         return idx
 
     @staticmethod
