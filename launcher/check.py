@@ -103,9 +103,10 @@ def report(plan: RunPlan, device_memory: float | None) -> str:
         f"parameters: {count_params(m):,} | tokens/step: {tokens:,} | FLOPs/step: {flops:.3e} | "
         f"precision: {engine.precision} | activation checkpointing: {m.activation_checkpointing}",
         *stage_table(plan, device_memory),
-        "total = params + grads + grads32 (the fp32 gradient partition of the optimizer step, "
-        "16-bit training) + optim + activations (checkpointed ones if the spec checkpoints) + "
-        "communication buffers; host = offloaded states in CPU memory per rank",
+        "total = params + grads + optim + the larger of activations (checkpointed ones if the "
+        "spec checkpoints) and grads32 (the fp32 gradient partition of the optimizer step, "
+        "16-bit training; alive only after backward) + communication buffers; host = offloaded "
+        "states in CPU memory per rank",
         cross_check(plan),
         startup_line(plan),
     ]
