@@ -12,10 +12,11 @@ DeepSpeed's own `estimate_zero2_model_states_mem_needs`, printed beside ours by
 `zerolaunch check`. That copy lives only during the step, after backward has freed the
 activations, so the peak counts the larger of the two, not both (on an H200, 1.3B at block
 1024, micro-batch 4, bf16, one rank: measured 25.9 / 26.7 / 26.7 / 29.2 GiB at ZeRO 0-3
-against 27.5 / 29.4 / 29.4 / 29.4 estimated; the sum had said 34.2 at ZeRO-1 and 2). Activations follow Korthikanti et al. (2022), generalised to the Llama
-options (`activation_bytes`): 34 s b h bytes per GPT-2 layer in 16 bits (attention scores are
-not kept: SDPA's fused kernels), only the layer inputs with full checkpointing plus one layer
-being recomputed.
+against 27.5 / 29.4 / 29.4 / 29.4 estimated; the sum had said 34.2 at ZeRO-1 and 2).
+Activations follow Korthikanti et al. (2022), generalised to the Llama options
+(`activation_bytes`): 34 s b h bytes per GPT-2 layer in 16 bits (attention scores are not kept:
+SDPA's fused kernels), only the layer inputs with full checkpointing plus one layer being
+recomputed.
 """
 
 from __future__ import annotations
