@@ -74,20 +74,39 @@ LLAMA_STYLE = [
 ]
 
 
+ASYNC = "checkpoint.async_save=true"
+
+
+@pytest.fixture(scope="module")
+def zero2_async_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 uninterrupted ZeRO-2 steps saved asynchronously: the run both ZeRO-2 resumes of
+    test_resume_is_bit_for_bit compare with (an async save changes no number)."""
+    whole = tmp_path_factory.mktemp("zero2_async") / "whole"
+    items = [*EXACT, ASYNC, f"data.train={tiny_data}", f"out_dir={whole}", "train.max_steps=8"]
+    deepspeed(2, "ds_configs/zero2.json", *items)
+    return whole
+
+
 @pytest.mark.parametrize(
     ("stage", "layout"),
     [(1, "current"), (2, "0.1"), (2, "async"), (3, "current"), (2, "llama"), (3, "llama")],
     ids=["1", "2-old", "2-async", "3", "2-llama", "3-llama"],
 )
-def test_resume_is_bit_for_bit(tiny_data: Path, tmp_path: Path, stage: int, layout: str) -> None:
+def test_resume_is_bit_for_bit(
+    tiny_data: Path, tmp_path: Path, stage: int, layout: str, request: pytest.FixtureRequest
+) -> None:
     """With async, the tag at step 4 is written while steps 5-8 train: resuming from it gives
     the same losses only if the copy was taken at step 4, untouched by the steps after. The
     Llama-style ZeRO-3 run also resumes on one rank (DeepSpeed's universal format)."""
     config = f"ds_configs/zero{stage}.json"
-    whole = tmp_path / "whole"
-    exact = [*EXACT, "checkpoint.async_save=true"] if layout == "async" else EXACT
+    exact = [*EXACT, ASYNC] if layout == "async" else EXACT
     exact = [*exact, *LLAMA_STYLE] if layout == "llama" else exact
-    deepspeed(2, config, *exact, f"data.train={tiny_data}", f"out_dir={whole}", "train.max_steps=8")
+    if layout in ("0.1", "async"):  # one uninterrupted run for both
+        whole = request.getfixturevalue("zero2_async_run")
+    else:
+        whole = tmp_path / "whole"
+        items = [f"data.train={tiny_data}", f"out_dir={whole}", "train.max_steps=8"]
+        deepspeed(2, config, *exact, *items)
     resumed = copy_tag(whole, "global_step4", tmp_path / "resumed")
     if layout == "0.1":  # a checkpoint written before the metadata had a version still resumes
         to_v1_layout(resumed / "checkpoints" / "global_step4")
