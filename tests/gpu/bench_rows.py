@@ -87,9 +87,9 @@ DS_VARIANTS = {
 
 def ds_file(ds: str) -> Path:
     base, _, variant = ds.partition("+")
-    config = json.loads((REPO / "ds_configs" / base).read_text())
     if not variant:
         return REPO / "ds_configs" / base
+    config = json.loads((REPO / "ds_configs" / base).read_text())
     for section, values in DS_VARIANTS[variant].items():
         config.setdefault(section, {}).update(values)
     path = Path(tempfile.gettempdir()) / f"{base[:-5]}_{variant}.json"
